@@ -1,0 +1,20 @@
+"""ServerApp: resolve the run config, then relay blocks between graph neighbours (never average)."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from deca_flower.config import DecaConfig
+from deca_flower.flower.coordinator import run_deca
+from deca_flower.logs import use_flower_logging
+from deca_flower.paths import prepare_run
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    use_flower_logging()
+    cfg, run_dir = prepare_run(DecaConfig.from_run_config(context.run_config))
+    run_deca(grid, cfg, run_dir)

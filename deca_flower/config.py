@@ -1,0 +1,222 @@
+"""One typed run configuration, filled from Flower's run-config, presets and overrides.
+
+Precedence (lowest first): the dataclass defaults below (mirrored one-to-one in
+pyproject.toml's [tool.flwr.app.config]) <- a preset YAML from conf/ (key ``preset``)
+<- run-config values that differ from their pyproject default (``--run-config``).
+Keys use Flower's hyphenated spelling (``layers-per-block``); fields use underscores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+METHODS = ("deca",)
+TOPOLOGIES = ("ring", "erdos_renyi", "bipartite", "complete", "torus", "exponential")
+PARTITIONERS = ("dirichlet", "iid", "shard")
+BMA_MODES = ("full", "none", "trivial")
+DISCREPANCIES = ("scaled", "raw", "normalized")
+BLOCK_ORDERS = ("ascending", "descending", "random")
+EMBEDDING_MODES = ("block", "frozen")
+DEVICES = ("auto", "cpu", "cuda")
+STATE_SYNC = ("block", "step")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A run configuration value is invalid; the message names the key."""
+
+
+@dataclass
+class DecaConfig:
+    """Everything a DECA run needs. Field names map to run-config keys (``_`` -> ``-``)."""
+
+    preset: str = ""
+    """Name of a conf/*.yaml (or conf/experiments/*.yaml) preset, or a path; "" for none."""
+    method: str = "deca"
+    """Training method."""
+    model: str = "smollm2-135m-instruct"
+    """Embedded default, a Hugging Face hub id, a local model dir, or "tiny-random"."""
+    dataset: str = "bbc-news"
+    """Embedded "bbc-news", a local .jsonl/.csv file with text+label, or a hub id."""
+    num_nodes: int = 4
+    """Number of clients (SuperNodes) taking part."""
+    topology: str = "erdos_renyi"
+    """Communication graph."""
+    edge_prob: float = 0.5
+    """Edge probability of the Erdos-Renyi graph (re-drawn until connected)."""
+    partitioner: str = "dirichlet"
+    """How the training split is cut across nodes."""
+    alpha: float = 0.25
+    """Dirichlet concentration (smaller = more non-IID)."""
+    shards_per_node: int = 2
+    """Shards per node for the shard partitioner."""
+    test_fraction: float = 0.2
+    """Held-out fraction of the data set used for evaluation only."""
+    rounds: int = 1
+    """T: passes over all blocks."""
+    layers_per_block: int = 2
+    """k: consecutive decoder layers per block."""
+    steps_per_block: int = 4
+    """R: local Adam steps (each followed by gossip) per block visit."""
+    block_order: str = "ascending"
+    """Order of block visits within a round."""
+    embeddings: str = "block"
+    """Input embeddings (and a tied lm_head): their own block, or frozen."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    beta1: float = 0.9
+    """Adam a1."""
+    beta2: float = 0.999
+    """Adam a2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    bma: str = "full"
+    """Block-wise moment approximation: full, none (no BMA) or trivial."""
+    bma_beta1: float = 0.9
+    """b1: weight of the old first moment when folding in the consensus signal."""
+    bma_beta2: float = 0.999
+    """b2: weight of the old second moment when folding in the consensus signal."""
+    discrepancy: str = "scaled"
+    """Consensus signal h: scaled=(theta-mixed)/lr, raw=mixed-theta, normalized=d/||d||."""
+    batch_size: int = 4
+    """Training examples per local step."""
+    max_text_tokens: int = 64
+    """Text is truncated to this many tokens inside the prompt."""
+    eval_samples: int = 120
+    """Held-out examples scored per evaluation (0 = the whole test split)."""
+    eval_batch_size: int = 16
+    """Examples per evaluation forward pass."""
+    eval_every_blocks: int = 5
+    """Evaluate after every this many block visits (0 = only at the end of each round)."""
+    eval_initial: bool = True
+    """Evaluate the untrained model before training."""
+    seed: int = 0
+    """Seed for graph, split, sampling and model init."""
+    device: str = "auto"
+    """auto = cuda when present (bf16 weights, fp32 master), else cpu (fp32)."""
+    state_sync: str = "block"
+    """Node state written to disk at block boundaries, or after every step (many actors)."""
+    state_dir: str = ""
+    """Where nodes keep their state ("" = <results-dir>/<run>/nodes)."""
+    results_dir: str = "results/runs"
+    """Parent directory of run folders (relative paths resolve against the app dir)."""
+    run_name: str = ""
+    """Run folder name ("" = method-topology-timestamp)."""
+    node_wait_s: float = 60.0
+    """How long the coordinator waits for num-nodes SuperNodes to connect."""
+    reply_timeout_s: float = 3600.0
+    """How long the coordinator waits for the replies to one message round."""
+
+    def __post_init__(self) -> None:
+        errors = list(_problems(self))
+        if errors:
+            raise ConfigError("invalid DECA configuration:\n  - " + "\n  - ".join(errors))
+
+    # -- conversion -------------------------------------------------------------
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat dict with Flower's hyphenated keys (as sent to nodes and saved)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> DecaConfig:
+        """Build from a Flower run-config (hyphenated keys), applying a preset if named."""
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown config key '{key}'")
+            values[name] = value
+        defaults = {f.name: f.default for f in fields(cls)}
+        explicit = {k: v for k, v in values.items() if v != defaults[k]}
+        preset = explicit.get("preset", "")
+        layers = [OmegaConf.create(_defaults_node(cls))]
+        if preset:
+            layers.append(_load_preset(preset))
+        layers.append(OmegaConf.create(explicit))
+        try:
+            merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+        except Exception as err:  # omegaconf raises several types for bad values
+            raise ConfigError(f"cannot merge config (preset '{preset}'): {err}") from err
+        return cls(**merged)  # type: ignore[arg-type]
+
+    def replace(self, **changes: Any) -> DecaConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _defaults_node(cls: type[DecaConfig]) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+def _load_preset(preset: str) -> Any:
+    """A preset is a YAML file: a path, or a name under conf/ or conf/experiments/."""
+    candidates = [Path(preset)]
+    for folder in (CONF_DIR, CONF_DIR / "experiments", Path.cwd() / "conf"):
+        candidates += [folder / f"{preset}.yaml", folder / preset]
+    for path in candidates:
+        if path.is_file():
+            node = OmegaConf.load(path)
+            unknown = [k for k in node if str(k).replace("-", "_") not in _defaults_node(DecaConfig)]
+            if unknown:
+                raise ConfigError(f"preset {path} has unknown keys: {unknown}")
+            return OmegaConf.create({str(k).replace("-", "_"): v for k, v in node.items()})
+    raise ConfigError(f"preset '{preset}' not found (looked in {CONF_DIR} and its experiments/)")
+
+
+def _problems(cfg: DecaConfig) -> list[str]:
+    """Every invalid value, one message each; no model or data is touched."""
+    out: list[str] = []
+
+    def choice(name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(cfg, name)
+        if value not in allowed:
+            out.append(f"{name.replace('_', '-')}='{value}' is not one of {list(allowed)}")
+
+    def positive(name: str, *, allow_zero: bool = False) -> None:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            out.append(f"{name.replace('_', '-')} must be a number, got {value!r}")
+        elif value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            out.append(f"{name.replace('_', '-')} must be {bound}, got {value}")
+
+    choice("method", METHODS)
+    choice("topology", TOPOLOGIES)
+    choice("partitioner", PARTITIONERS)
+    choice("bma", BMA_MODES)
+    choice("discrepancy", DISCREPANCIES)
+    choice("block_order", BLOCK_ORDERS)
+    choice("embeddings", EMBEDDING_MODES)
+    choice("device", DEVICES)
+    choice("state_sync", STATE_SYNC)
+    for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
+                 "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s",
+                 "reply_timeout_s", "shards_per_node"):
+        positive(name)
+    positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
+    for name in ("eval_samples", "eval_every_blocks"):
+        positive(name, allow_zero=True)
+    for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            out.append(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if not 0.0 < cfg.edge_prob <= 1.0:
+        out.append(f"edge-prob must be in (0, 1], got {cfg.edge_prob}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        out.append(f"test-fraction must be in (0, 1), got {cfg.test_fraction}")
+    if cfg.num_nodes < 2 and not out:
+        out.append(f"num-nodes must be >= 2 for gossip, got {cfg.num_nodes}")
+    if not cfg.model:
+        out.append("model is empty: give the embedded default, a hub id or a local path")
+    if cfg.discrepancy == "scaled" and cfg.lr == 0 and cfg.bma != "none":
+        out.append("discrepancy='scaled' divides by lr: lr=0 needs bma='none'")
+    return out

@@ -1,0 +1,42 @@
+"""Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j.
+
+Validation lives here too, so that nothing malformed is ever averaged into a model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class BlockError(ValueError):
+    """A received block does not match the expected block (names, shapes, dtype, values)."""
+
+
+def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], sender: str) -> None:
+    """Raise BlockError unless `received` has exactly the expected names, shapes, dtypes, finite values."""
+    missing = sorted(set(expected) - set(received))
+    extra = sorted(set(received) - set(expected))
+    if missing or extra:
+        raise BlockError(f"block from {sender}: missing tensors {missing[:3]}, unexpected {extra[:3]}")
+    for name, ref in expected.items():
+        got = received[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise BlockError(f"block from {sender}: '{name}' has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise BlockError(f"block from {sender}: '{name}' has dtype {got.dtype}, expected {ref.dtype}")
+        if not torch.isfinite(got).all():
+            raise BlockError(f"block from {sender}: '{name}' contains NaN or Inf")
+
+
+def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
+    """Weighted sum in fp32 (own tensors' device); weights must sum to 1."""
+    total = self_weight + sum(w for w, _ in others)
+    if not math.isclose(total, 1.0, abs_tol=1e-9):
+        raise ValueError(f"mixing weights sum to {total}, not 1")
+    out = [t.float() * self_weight for t in own]
+    for weight, tensors in others:
+        for acc, t in zip(out, tensors):
+            acc.add_(t.to(device=acc.device, dtype=torch.float32), alpha=weight)
+    return out

@@ -1,0 +1,131 @@
+"""One DECA client: its model copy, its minibatch stream, and the active block's Adam.
+
+Per inner step the caller does
+
+    half = node.local_step()                 # Adam on the active block: theta -> half
+    ... exchange halves with the neighbours ...
+    node.apply_mix(w_ii, [(w_ij, half_j)])   # theta = mixed, BMA folded into the moments
+
+The same calls are made by the single-process reference (reference.py) and by the Flower
+ClientApp, which is why both give the same numbers for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deca_flower.core.blocks import ActiveBlock, Block
+from deca_flower.core.gossip import check_block, mix
+from deca_flower.core.optimizer import BlockAdam
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    bma: str = "full"
+    bma_betas: tuple[float, float] = (0.9, 0.999)
+    discrepancy: str = "scaled"
+
+
+class BatchSampler:
+    """Seeded minibatch indices for one node (without replacement within a batch)."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, node: int) -> None:
+        if num_examples < 1:
+            raise ValueError(f"node {node} has no training examples")
+        self.num_examples = num_examples
+        self.batch_size = min(batch_size, num_examples)
+        self.rng = np.random.default_rng([seed, node])
+
+    def next(self) -> list[int]:
+        return [int(i) for i in self.rng.choice(self.num_examples, self.batch_size, replace=False)]
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
+
+class DecaNode:
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[Block],
+        settings: AdamSettings,
+        sampler: BatchSampler,
+        make_batch: Callable[[list[int]], Any],
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.settings = settings
+        self.sampler = sampler
+        self.make_batch = make_batch
+        self.loss_fn = loss_fn
+        self.active: ActiveBlock | None = None
+        self.optimizer: BlockAdam | None = None
+
+    @property
+    def active_index(self) -> int | None:
+        return None if self.active is None else self.active.block.index
+
+    def start_block(self, index: int) -> None:
+        """Activate block `index` with fresh Adam moments (frees the previous block's state)."""
+        if not 0 <= index < len(self.blocks):
+            raise ValueError(f"block {index} outside 0..{len(self.blocks) - 1}")
+        self.end_block()
+        self.active = ActiveBlock(self.model, self.blocks[index])
+        s = self.settings
+        self.optimizer = BlockAdam(self.active.masters, lr=s.lr, betas=s.betas, eps=s.eps, bma=s.bma,
+                                   bma_betas=s.bma_betas, discrepancy=s.discrepancy)
+
+    def end_block(self) -> None:
+        if self.active is not None:
+            self.active.release()
+        self.active, self.optimizer = None, None
+
+    def local_step(self) -> tuple[float, dict[str, torch.Tensor]]:
+        """One Adam step on the active block; returns the loss and the half-step block (a copy)."""
+        active, optimizer = self._require_active()
+        loss = self.loss_fn(self.model, self.make_batch(self.sampler.next()))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} on block {active.block.name}")
+        loss.backward()
+        active.grads_to_master()
+        optimizer.step()
+        active.master_to_model()
+        return float(loss.detach()), {k: v.clone() for k, v in active.values().items()}
+
+    def block_values(self) -> dict[str, torch.Tensor]:
+        return self._require_active()[0].values()
+
+    def apply_mix(self, self_weight: float, others: list[tuple[float, dict[str, torch.Tensor]]],
+                  senders: list[str] | None = None) -> None:
+        """theta = W_ii * own half + sum_j W_ij * half_j, after validating every neighbour block."""
+        active = self._require_active()[0]
+        expected = active.values()
+        for n, (_, block) in enumerate(others):
+            check_block(block, expected, senders[n] if senders else f"neighbour {n}")
+        names = active.block.param_names
+        mixed = mix(active.masters, self_weight, [(w, [b[k] for k in names]) for w, b in others])
+        self.apply_mixed(mixed)
+
+    def apply_mixed(self, mixed: list[torch.Tensor]) -> None:
+        """Take an already mixed block (the reference's fast path) and fold BMA."""
+        active, optimizer = self._require_active()
+        optimizer.fold(mixed)
+        active.master_to_model()
+
+    def _require_active(self) -> tuple[ActiveBlock, BlockAdam]:
+        if self.active is None or self.optimizer is None:
+            raise RuntimeError("no active block: call start_block first")
+        return self.active, self.optimizer

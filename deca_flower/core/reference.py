@@ -1,0 +1,82 @@
+"""DECA for n nodes in ONE process, no Flower: the numerical oracle and a fast path for sweeps.
+
+    for visit in schedule:                  # T rounds x B blocks
+        every node: start_block(visit.block)
+        for r in range(R):
+            half_i = node_i.local_step()    # all nodes, from the same pre-step state
+            mixed  = W @ [half_1 .. half_n] # oracle: per node over its neighbours; fast: one matmul
+            node_i.apply_mix / apply_mixed  # theta = mixed, BMA fold
+
+    exercised by: pytest tests/test_reference.py tests/test_flower_matches_reference.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from deca_flower.core.node import DecaNode
+from deca_flower.core.schedule import Visit
+from deca_flower.core.topology import neighbours
+
+StepCallback = Callable[[Visit, int, list[float]], None]
+VisitCallback = Callable[[Visit], None]
+
+
+def run_reference(
+    nodes: list[DecaNode],
+    weights: np.ndarray,
+    schedule: list[Visit],
+    steps_per_block: int,
+    *,
+    fast: bool = False,
+    on_step: StepCallback | None = None,
+    after_visit: VisitCallback | None = None,
+) -> None:
+    """Train all nodes in place; `weights` is the n x n mixing matrix."""
+    if weights.shape != (len(nodes), len(nodes)):
+        raise ValueError(f"weights are {weights.shape} for {len(nodes)} nodes")
+    for visit in schedule:
+        for node in nodes:
+            node.start_block(visit.block)
+        for step in range(steps_per_block):
+            losses, halves = zip(*(node.local_step() for node in nodes))
+            (mix_fast if fast else mix_oracle)(nodes, weights, list(halves))
+            if on_step:
+                on_step(visit, step, list(losses))
+        if after_visit:
+            after_visit(visit)
+    for node in nodes:
+        node.end_block()
+
+
+def mix_oracle(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> None:
+    """Each node mixes its own half with its neighbours' halves, exactly as over the network."""
+    for i, node in enumerate(nodes):
+        others = [(w, halves[j]) for j, w in neighbours(weights, i).items()]
+        node.apply_mix(float(weights[i, i]), others, senders=[f"node {j}" for j in neighbours(weights, i)])
+
+
+def mix_fast(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> None:
+    """All nodes at once: for every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul."""
+    names = list(halves[0])
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    mixed_per_node: list[list[torch.Tensor]] = [[] for _ in nodes]
+    for name in names:
+        stacked = torch.stack([h[name].float() for h in halves])          # [n, *shape]
+        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1)    # [n, *shape]
+        for i in range(len(nodes)):
+            mixed_per_node[i].append(mixed[i])
+    for node, mixed in zip(nodes, mixed_per_node):
+        node.apply_mixed(mixed)
+
+
+def consensus_distance(blocks: list[dict[str, torch.Tensor]]) -> float:
+    """Mean over nodes of ||x_i - mean x||^2 (measurement only; nothing is averaged into a model)."""
+    total = 0.0
+    for name in blocks[0]:
+        stacked = torch.stack([b[name].double() for b in blocks])
+        total += float(((stacked - stacked.mean(0)) ** 2).sum())
+    return total / len(blocks)

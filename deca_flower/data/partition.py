@@ -1,0 +1,45 @@
+"""Held-out test split and the non-IID partition of the training split (flwr-datasets)."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
+
+from deca_flower.data.sources import DataError
+
+
+def train_test(corpus: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Stratified split; the test part is never trained on by any node."""
+    split = corpus.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    return split["train"], split["test"]
+
+
+def build_partitioner(train: Dataset, kind: str, num_partitions: int, *, alpha: float,
+                      shards_per_node: int, seed: int) -> Partitioner:
+    if num_partitions > len(train):
+        raise DataError(f"{num_partitions} nodes but only {len(train)} training examples")
+    if kind == "dirichlet":
+        partitioner: Partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed,
+            min_partition_size=max(1, min(10, len(train) // (2 * num_partitions))),
+        )
+    elif kind == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif kind == "shard":
+        partitioner = ShardPartitioner(
+            num_partitions=num_partitions, partition_by="label",
+            num_shards_per_partition=shards_per_node, seed=seed,
+        )
+    else:
+        raise DataError(f"unknown partitioner '{kind}'")
+    partitioner.dataset = train
+    return partitioner
+
+
+def node_partition(partitioner: Partitioner, partition_id: int) -> Dataset:
+    if not 0 <= partition_id < partitioner.num_partitions:
+        raise DataError(f"partition-id {partition_id} outside 0..{partitioner.num_partitions - 1}")
+    part = partitioner.load_partition(partition_id)
+    if len(part) == 0:
+        raise DataError(f"partition {partition_id} is empty")
+    return part

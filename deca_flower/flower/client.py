@@ -1,0 +1,104 @@
+"""ClientApp side: the gossip mod (neighbour-only mixing + BMA) and the message handlers.
+
+A `train.deca` message carries the neighbours' half-step blocks of the previous inner step and
+an instruction. The mod mixes them into the active block (after validating every one), then the
+train handler runs the next local Adam step (or only finishes the block) and replies with the
+node's new half-step block. Nothing is ever averaged anywhere but on the node itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from deca_flower.config import DecaConfig
+from deca_flower.core.gossip import BlockError
+from deca_flower.flower import records as rk
+from deca_flower.flower.state import commit, get_runtime
+from deca_flower.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+BAD_NEIGHBOUR_BLOCK = 4001
+NO_PARTITION = 4002
+
+
+class NodeSetupError(ValueError):
+    """The SuperNode's node-config does not say which data partition it holds."""
+
+
+def partition_id_of(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise NodeSetupError("node-config lacks 'partition-id' (set it with flower-supernode --node-config)")
+    return int(context.node_config["partition-id"])
+
+
+def runtime_for(msg: Message, context: Context) -> NodeRuntime:
+    cfg = DecaConfig(**{k.replace("-", "_"): v for k, v in msg.content[rk.CONFIG].items()})
+    return get_runtime(context, cfg, partition_id_of(context))
+
+
+def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mix the neighbours' half-step blocks into the active block, fold BMA, then go on."""
+    if msg.metadata.message_type != rk.TRAIN or not msg.content[rk.INSTRUCTION][rk.MIX]:
+        return call_next(msg, context)
+    runtime = runtime_for(msg, context)
+    weights = msg.content[rk.WEIGHTS]
+    others, senders = [], []
+    try:
+        for key, record in msg.content.array_records.items():
+            if key.startswith(rk.NEIGHBOUR_PREFIX):
+                sender = f"node {key[len(rk.NEIGHBOUR_PREFIX):]}"
+                others.append((float(weights[key]), rk.record_to_block(record, sender)))
+                senders.append(sender)
+        runtime.node.apply_mix(float(weights["self"]), others, senders)
+    except (BlockError, rk.RecordError, ValueError) as err:
+        log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
+        return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
+    return call_next(msg, context)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Load model and data now (so the first train step is not slowed) and say who we are."""
+    start = time.time()
+    runtime = runtime_for(msg, context)
+    info = ConfigRecord({
+        "partition-id": runtime.partition_id, "device": str(runtime.device),
+        "train-examples": len(runtime.train), "label-counts": runtime.label_counts,
+        "num-blocks": len(runtime.blocks), "block-names": [b.name for b in runtime.blocks],
+        "setup-s": time.time() - start,
+    })
+    return Message(RecordDict({rk.NODE_INFO: info}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Finish the previous visit when a new one starts, then one local step on `block`."""
+    runtime = runtime_for(msg, context)
+    node = runtime.node
+    instruction = msg.content[rk.INSTRUCTION]
+    block, start_visit = int(instruction[rk.BLOCK]), bool(instruction[rk.START])
+    finished, finished_index = None, None
+    if node.active_index is not None and (start_visit or block < 0):
+        finished, finished_index = node.block_values(), node.active_index
+        node.end_block()
+    content = RecordDict()
+    if block >= 0:
+        if start_visit:
+            node.start_block(block)
+        start = time.time()
+        loss, half = node.local_step()
+        content[rk.HALF] = rk.block_to_record(half)
+        content[rk.METRICS] = MetricRecord({"loss": loss, "step-s": time.time() - start})
+    commit(context, runtime, finished_block=finished, finished_index=finished_index)
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    runtime = runtime_for(msg, context)
+    start = time.time()
+    metrics = runtime.evaluate()
+    metrics["eval-s"] = time.time() - start
+    return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=msg)

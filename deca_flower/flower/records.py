@@ -1,0 +1,74 @@
+"""Record keys (defined once) and the block <-> ArrayRecord conversion.
+
+Blocks travel bit-exact in their own dtype: the raw bytes of each tensor in an `Array` with
+stype "raw" and the torch dtype name; bf16 has no numpy dtype, so its bytes are read as int16
+and reinterpreted on arrival (no upcast, no extra bytes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+# message types
+QUERY = "query.deca"
+TRAIN = "train.deca"
+EVALUATE = "evaluate.deca"
+
+# record names
+CONFIG = "deca.config"            # ConfigRecord: the run config (hyphenated keys)
+INSTRUCTION = "deca.instruction"  # ConfigRecord: what this message asks the node to do
+WEIGHTS = "deca.weights"          # ConfigRecord: mixing weight per neighbour partition id (+ "self")
+NEIGHBOUR_PREFIX = "deca.nbr."    # ArrayRecord per neighbour: "deca.nbr.<partition id>"
+HALF = "deca.half"                # ArrayRecord: the node's half-step block (reply)
+NODE_INFO = "deca.node"           # ConfigRecord: partition id, device, sizes (query reply)
+METRICS = "deca.metrics"          # MetricRecord: losses, timings, accuracy
+
+# instruction keys
+STEP = "step"          # global inner-step counter of the run
+MIX = "mix"            # mix the previous step's halves first
+BLOCK = "block"        # block to run a local step on (-1: none, only finish the current one)
+START = "start"        # first step of a block visit: fresh Adam moments
+
+STYPE = "raw"
+_WIRE = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.float16),
+         torch.bfloat16: ("bfloat16", np.int16)}
+_FROM_NAME = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _WIRE.items()}
+
+
+class RecordError(ValueError):
+    """A received record is malformed (unknown dtype, size mismatch, missing entry)."""
+
+
+def block_to_record(block: dict[str, torch.Tensor]) -> ArrayRecord:
+    record = ArrayRecord()
+    for name, tensor in block.items():
+        if tensor.dtype not in _WIRE:
+            raise RecordError(f"cannot send '{name}' of dtype {tensor.dtype}")
+        wire_name, np_dtype = _WIRE[tensor.dtype]
+        raw = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            raw = raw.view(torch.int16)
+        record[name] = Array(dtype=wire_name, shape=tuple(tensor.shape), stype=STYPE,
+                             data=raw.numpy().astype(np_dtype, copy=False).tobytes())
+    return record
+
+
+def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]:
+    """Decode without trusting the sender: dtype, stype and byte count are checked."""
+    out = {}
+    for name, array in record.items():
+        if array.stype != STYPE or array.dtype not in _FROM_NAME:
+            raise RecordError(f"block from {sender}: '{name}' has stype/dtype {array.stype}/{array.dtype}")
+        dtype, np_dtype = _FROM_NAME[array.dtype]
+        count = int(np.prod(array.shape)) if array.shape else 1
+        if len(array.data) != count * np.dtype(np_dtype).itemsize:
+            raise RecordError(f"block from {sender}: '{name}' has {len(array.data)} bytes for shape {array.shape}")
+        tensor = torch.from_numpy(np.frombuffer(array.data, dtype=np_dtype).copy()).reshape(array.shape)
+        out[name] = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+    return out
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())

@@ -1,0 +1,115 @@
+"""Where a node's model, moments and position live between messages.
+
+Simulation serves many nodes from one long-lived Ray actor process, in any order; a node may
+also land on another actor. So:
+- warm tier: a process-level cache {(run id, node id): runtime}; each processed message bumps
+  a generation counter stored both in the runtime and in the node's Flower `context.state`,
+  so a stale or foreign copy is never used;
+- disk tier: `<state dir>/node_<partition>/`: every finished block as safetensors, plus
+  `position.json` (generation, active block, minibatch RNG) and, with state-sync="step",
+  `active.safetensors` (active block, Adam moments, pending theta copy) after every message.
+  A process without a warm copy rebuilds the runtime and overlays these files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context
+from safetensors.torch import load_file, save_file
+
+from deca_flower.config import DecaConfig
+from deca_flower.runtime import NodeRuntime, build_runtime
+
+log = logging.getLogger(__name__)
+
+STATE_RECORD = "deca.state"
+_WARM: dict[tuple[int, int], NodeRuntime] = {}
+
+
+class StateLost(RuntimeError):
+    """The node's state at the expected generation is neither warm nor on disk."""
+
+
+def node_dir(cfg: DecaConfig, partition_id: int) -> Path:
+    return Path(cfg.state_dir) / f"node_{partition_id:03d}"
+
+
+def generation_of(context: Context) -> int:
+    record = context.state.get(STATE_RECORD)
+    return int(record["generation"]) if record is not None else 0
+
+
+def get_runtime(context: Context, cfg: DecaConfig, partition_id: int) -> NodeRuntime:
+    """The node's runtime at the generation recorded in its context (warm, or restored)."""
+    key = (context.run_id, context.node_id)
+    generation = generation_of(context)
+    runtime = _WARM.get(key)
+    if runtime is not None and runtime.generation == generation:
+        return runtime
+    runtime = build_runtime(cfg, partition_id)
+    if generation:
+        _restore(runtime, generation)
+    _drop_other_runs(context.run_id)
+    _WARM[key] = runtime
+    return runtime
+
+
+def commit(context: Context, runtime: NodeRuntime, *, finished_block: dict[str, torch.Tensor] | None = None,
+           finished_index: int | None = None) -> None:
+    """Record that a message was processed: bump the generation and persist what changed."""
+    runtime.generation += 1
+    context.state[STATE_RECORD] = ConfigRecord({"generation": runtime.generation})
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    if finished_block is not None:
+        save_file({k: v.contiguous().cpu() for k, v in finished_block.items()},
+                  folder / f"block_{finished_index:03d}.safetensors")
+    node = runtime.node
+    mid_block = node.optimizer is not None
+    if runtime.cfg.state_sync == "step" and mid_block:
+        tensors = {f"w.{k}": v.cpu() for k, v in node.block_values().items()}
+        tensors.update({f"opt.{k}": v.cpu() for k, v in node.optimizer.state_tensors().items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "active.safetensors")
+    position = {"generation": runtime.generation, "active": node.active_index,
+                "synced": runtime.cfg.state_sync == "step" or not mid_block,
+                "sampler": node.sampler.state()}
+    tmp = folder / "position.json.tmp"
+    tmp.write_text(json.dumps(position))
+    tmp.replace(folder / "position.json")
+
+
+def _restore(runtime: NodeRuntime, generation: int) -> None:
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    position_file = folder / "position.json"
+    position = json.loads(position_file.read_text()) if position_file.is_file() else {}
+    if position.get("generation") != generation or not position.get("synced"):
+        raise StateLost(
+            f"node {runtime.partition_id}: state at generation {generation} is not in this process and "
+            f"not on disk under {folder} (on disk: {position.get('generation')}). Several simulation "
+            "actors or a restarted process need state-sync='step'.")
+    model = runtime.node.model
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for file in sorted(folder.glob("block_*.safetensors")):
+            for name, value in load_file(file).items():
+                params[name].copy_(value)
+    runtime.node.sampler.load_state(position["sampler"])
+    if position["active"] is not None:
+        saved = load_file(folder / "active.safetensors")
+        with torch.no_grad():  # weights first: start_block derives the fp32 masters from them
+            for name in runtime.node.blocks[position["active"]].param_names:
+                params[name].copy_(saved[f"w.{name}"])
+        runtime.node.start_block(position["active"])
+        runtime.node.optimizer.load_state_tensors({k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
+    runtime.generation = generation
+    log.info("node %d restored from %s at generation %d", runtime.partition_id, folder, generation)
+
+
+def _drop_other_runs(run_id: int) -> None:
+    """A new run frees the models that earlier runs left in this process."""
+    for key in [k for k in _WARM if k[0] != run_id]:
+        del _WARM[key]

@@ -1,0 +1,72 @@
+"""A run's results folder: config.yaml, metrics.jsonl, summary.json and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+class RunWriter:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.metrics_file.write_text("")
+        self.evaluations: list[dict[str, Any]] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        OmegaConf.save(OmegaConf.create(config), self.run_dir / "config.yaml")
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if record.get("kind") == "eval":
+            self.evaluations.append(record)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def plot_accuracy(self, title: str) -> Path:
+        evals = [e for e in self.evaluations if e["nodes"] > 1 or e["step"] == 0]
+        steps = [e["step"] for e in evals]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+            means = [e[f"{key}_mean"] for e in evals]
+            stds = [e[f"{key}_std"] for e in evals]
+            ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=f"{label} (mean +- std over nodes)")
+        ax.set_xlabel("inner step (local Adam step + gossip)")
+        ax.set_ylabel("held-out score")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.run_dir / "accuracy.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def plot_label_distribution(partitioner, run_dir: Path, title: str) -> Path:
+    """flwr-datasets' own per-partition label plot."""
+    from flwr_datasets.visualization import plot_label_distributions
+
+    fig, _, _ = plot_label_distributions(partitioner, label_name="label", plot_type="bar",
+                                         size_unit="absolute", legend=True, title=title)
+    path = run_dir / "label_distribution.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

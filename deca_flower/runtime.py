@@ -1,0 +1,98 @@
+"""Build one node's working set from a DecaConfig: device, model, data partition, task, DecaNode.
+
+Shared by the single-process reference runner and the Flower ClientApp, so both train the
+same model on the same minibatches for the same seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from deca_flower.config import DecaConfig
+from deca_flower.core.blocks import Block, partition_blocks
+from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
+from deca_flower.data.partition import build_partitioner, node_partition, train_test
+from deca_flower.data.sources import load_corpus
+from deca_flower.models import load_model
+from deca_flower.task import ClassificationTask, Encoded
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA GPU is visible")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=4)
+def split_data(dataset: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    return train_test(load_corpus(dataset), test_fraction, seed)
+
+
+def partitioner_for(cfg: DecaConfig):
+    train, _ = split_data(cfg.dataset, cfg.test_fraction, cfg.seed)
+    return build_partitioner(train, cfg.partitioner, cfg.num_nodes, alpha=cfg.alpha,
+                             shards_per_node=cfg.shards_per_node, seed=cfg.seed)
+
+
+def eval_subset(test: Dataset, samples: int, seed: int) -> Dataset:
+    """The same held-out examples for every node: a seeded sample of the test split."""
+    if samples == 0 or samples >= len(test):
+        return test
+    order = np.random.default_rng(seed).permutation(len(test))[:samples]
+    return test.select(sorted(int(i) for i in order))
+
+
+@dataclass
+class NodeRuntime:
+    """Everything one node keeps between messages."""
+
+    cfg: DecaConfig
+    partition_id: int
+    device: torch.device
+    task: ClassificationTask
+    train: Encoded
+    test: Encoded
+    node: DecaNode
+    label_counts: list[int]
+    generation: int = 0  # messages processed; see flower/state.py
+
+    @property
+    def blocks(self) -> list[Block]:
+        return self.node.blocks
+
+    def evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self.node.model, self.test, self.cfg.eval_batch_size, self.device)
+
+
+def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | None = None) -> NodeRuntime:
+    start = time.time()
+    device = device or resolve_device(cfg.device)
+    train_split, test_split = split_data(cfg.dataset, cfg.test_fraction, cfg.seed)
+    part = node_partition(partitioner_for(cfg), partition_id)
+    label_names = train_split.features["label"].names
+    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
+    task = ClassificationTask(tokenizer, label_names, cfg.max_text_tokens)
+    train = task.encode(list(part["text"]), list(part["label"]))
+    test_part = eval_subset(test_split, cfg.eval_samples, cfg.seed)
+    test = task.encode(list(test_part["text"]), list(test_part["label"]))
+    blocks = partition_blocks(model, cfg.layers_per_block, cfg.embeddings)
+    settings = AdamSettings(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, bma=cfg.bma,
+                            bma_betas=(cfg.bma_beta1, cfg.bma_beta2), discrepancy=cfg.discrepancy)
+    sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, partition_id)
+    node = DecaNode(model, blocks, settings, sampler,
+                    make_batch=lambda idx: task.collate(train, idx, device), loss_fn=task.loss)
+    counts = np.bincount(train.labels, minlength=len(label_names)).tolist()
+    log.info("node %d ready on %s in %.1fs: %d train examples %s, %d blocks",
+             partition_id, device, time.time() - start, len(train), counts, len(blocks))
+    return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts)

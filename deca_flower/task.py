@@ -1,0 +1,124 @@
+"""Classification as generation: prompt -> " <label>", loss on the label tokens only.
+
+    prompt  = "Article: <text truncated to max_text_tokens tokens>\nTopic:"
+    target  = " business" (the label's own tokens; one token each for SmolLM2 on BBC News)
+
+Training runs the decoder over prompt+label and applies the LM head ONLY at the positions that
+predict label tokens ([B, L, H] hidden -> [N_label_tokens, V] logits). Evaluation scores every
+label by its log-likelihood and predicts the best (accuracy, macro-F1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PROMPT_HEAD = "Article: "
+PROMPT_TAIL = "\nTopic:"
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: prompt ids per example and the class index."""
+
+    prompts: list[list[int]]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class ClassificationTask:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_names: list[str], max_text_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.max_text_tokens = max_text_tokens
+        self.pad_id = tokenizer.pad_token_id
+        self.label_ids = [self._ids(" " + name) for name in self.label_names]
+        if len({tuple(ids) for ids in self.label_ids}) != len(self.label_ids):
+            raise ValueError(f"labels {self.label_names} are not distinct after tokenisation")
+        self._head, self._tail = self._ids(PROMPT_HEAD), self._ids(PROMPT_TAIL)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, texts: list[str], labels: list[int]) -> Encoded:
+        batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_text_tokens)
+        prompts = [self._head + ids + self._tail for ids in batch["input_ids"]]
+        return Encoded(prompts, np.asarray(labels, dtype=np.int64))
+
+    # -- training ----------------------------------------------------------------------
+
+    def collate(self, data: Encoded, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+label ids and, flattened, the positions predicting label tokens."""
+        seqs, rows, cols, targets = [], [], [], []
+        for row, i in enumerate(indices):
+            prompt, label = data.prompts[i], self.label_ids[int(data.labels[i])]
+            seqs.append(prompt + label)
+            for j, token in enumerate(label):
+                rows.append(row)
+                cols.append(len(prompt) - 1 + j)
+                targets.append(token)
+        input_ids, attention = self._pad(seqs, device)
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return {"input_ids": input_ids, "attention_mask": attention,
+                "rows": as_long(rows), "cols": as_long(cols), "targets": as_long(targets)}
+
+    def _pad(self, seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids.to(device), mask.to(device)
+
+    @staticmethod
+    def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over label tokens; the LM head runs only where it is needed."""
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        picked = hidden[batch["rows"], batch["cols"]]                # [N, H]
+        logits = model.get_output_embeddings()(picked).float()       # [N, V]
+        return F.cross_entropy(logits, batch["targets"])
+
+    # -- evaluation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def scores(self, model: PreTrainedModel, data: Encoded, batch_size: int, device: torch.device) -> np.ndarray:
+        """[N, C] log-likelihood of each label given each prompt."""
+        out = np.zeros((len(data), len(self.label_ids)))
+        single = all(len(ids) == 1 for ids in self.label_ids)
+        for start in range(0, len(data), batch_size):
+            idx = list(range(start, min(start + batch_size, len(data))))
+            if single:  # one forward: the next-token distribution after the prompt
+                ids, mask = self._pad([data.prompts[i] for i in idx], device)
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
+                logp = model.get_output_embeddings()(last).float().log_softmax(-1)
+                out[idx] = logp[:, [ids_[0] for ids_ in self.label_ids]].cpu().numpy()
+                continue
+            for c in range(len(self.label_ids)):  # one forward per label
+                batch = self.collate(_with_label(data, idx, c), list(range(len(idx))), device)
+                hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                logp = model.get_output_embeddings()(hidden[batch["rows"], batch["cols"]]).float().log_softmax(-1)
+                token_logp = logp.gather(1, batch["targets"][:, None]).squeeze(1)
+                out[idx, c] = torch.zeros(len(idx), device=device).index_add_(0, batch["rows"], token_logp).cpu().numpy()
+        return out
+
+    def evaluate(self, model: PreTrainedModel, data: Encoded, batch_size: int, device: torch.device) -> dict[str, float]:
+        predictions = self.scores(model, data, batch_size, device).argmax(1)
+        return {
+            "accuracy": float((predictions == data.labels).mean()),
+            "macro_f1": float(f1_score(data.labels, predictions, average="macro",
+                                       labels=list(range(len(self.label_names))), zero_division=0)),
+            "num_examples": float(len(data)),
+        }
+
+
+def _with_label(data: Encoded, indices: list[int], label: int) -> Encoded:
+    return Encoded([data.prompts[i] for i in indices], np.full(len(indices), label))
