@@ -1,0 +1,17 @@
+"""Shared fixtures: a tiny random Llama on the real BBC News split, small enough for seconds-long runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from deca_flower.config import DecaConfig
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> DecaConfig:
+    return DecaConfig(
+        model="tiny-random", num_nodes=3, topology="ring", layers_per_block=2, steps_per_block=2,
+        rounds=1, batch_size=2, max_text_tokens=16, eval_samples=20, eval_batch_size=10, lr=1e-3,
+        eval_every_blocks=0, results_dir=str(tmp_path / "runs"), run_name="t", state_dir=str(tmp_path / "nodes"),
+        node_wait_s=5,
+    )

@@ -1,0 +1,42 @@
+"""A Grid that delivers messages by calling the ClientApp in this process (no Ray, no SuperLink).
+
+It runs the real ServerApp coordinator, mods and handlers; node state lands in the same
+process cache as in a one-actor simulation, so tests can compare it with the reference.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.metadata import Metadata
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class InProcessGrid:
+    def __init__(self, client_app, num_nodes: int, run_id: int = 7, node_configs: dict | None = None) -> None:
+        self.client_app = client_app
+        self.run_id = run_id
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0  # set by a ServerApp process
+        self.contexts = {
+            100 + pid: Context(run_id=run_id, node_id=100 + pid, state=RecordDict(), run_config={},
+                               node_config=(node_configs or {}).get(pid, {"partition-id": pid, "num-partitions": num_nodes}))
+            for pid in range(num_nodes)
+        }
+        self.sent = 0
+        self.drop_replies_from: set[int] = set()
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent += 1
+            node_id = msg.metadata.dst_node_id
+            delivered = Message(metadata=Metadata(
+                run_id=self.run_id, message_id=f"m{self.sent}", src_node_id=0, dst_node_id=node_id,
+                reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
+                message_type=msg.metadata.message_type), content=msg.content)
+            reply = self.client_app(delivered, self.contexts[node_id])
+            if node_id not in self.drop_replies_from:
+                replies.append(reply)
+        return replies

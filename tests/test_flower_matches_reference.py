@@ -1,0 +1,77 @@
+"""The Flower path (real coordinator + ClientApp mod + handlers) equals the single-process reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from apps.client_app import app as client_app
+from deca_flower.flower import state
+from deca_flower.flower.coordinator import run_deca
+from deca_flower.paths import prepare_run
+from deca_flower.reference_run import build_nodes, run_reference_job
+from tests.inprocess import InProcessGrid
+
+
+def flower_run(cfg):
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(cfg)
+    grid = InProcessGrid(client_app, cfg.num_nodes)
+    summary = run_deca(grid, cfg, run_dir)
+    runtimes = {key[1] - 100: rt for key, rt in state._WARM.items()}
+    return summary, run_dir, [runtimes[p] for p in range(cfg.num_nodes)]
+
+
+@pytest.mark.parametrize("bma", ["full", "trivial", "none"])
+def test_flower_blocks_equal_reference(tiny_cfg, bma):
+    cfg = tiny_cfg.replace(bma=bma, topology="erdos_renyi", num_nodes=4, rounds=2, block_order="random")
+    summary, run_dir, flower_nodes = flower_run(cfg)
+    reference_nodes = build_nodes(cfg)
+    reference = run_reference_job(cfg, runtimes=reference_nodes)
+    for fl, ref in zip(flower_nodes, reference_nodes):
+        for (name, p_fl), (_, p_ref) in zip(fl.node.model.named_parameters(), ref.node.model.named_parameters()):
+            torch.testing.assert_close(p_fl, p_ref, rtol=1e-5, atol=1e-6, msg=name)
+    assert summary["final"]["accuracy_mean"] == pytest.approx(reference["accuracy_mean"])
+    assert summary["inner_steps"] == reference["inner_steps"] == 2 * 3 * cfg.steps_per_block
+
+
+def test_run_folder_contents(tiny_cfg):
+    summary, run_dir, _ = flower_run(tiny_cfg.replace(eval_every_blocks=1))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "label_distribution.png", "accuracy.png"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[0]["nodes"] == 1 and evals[-1]["nodes"] == 3 and len(evals) == 1 + 3
+    assert json.loads((run_dir / "summary.json").read_text())["inner_steps"] == summary["inner_steps"]
+    assert summary["bytes_sent_per_node"] > 0
+
+
+def test_gossip_preserves_network_average_with_lr_zero(tiny_cfg):
+    cfg = tiny_cfg.replace(lr=0.0, bma="none", num_nodes=4, topology="ring")
+    nodes = build_nodes(cfg)
+    with torch.no_grad():  # make the nodes disagree, then gossip only
+        for pid, rt in enumerate(nodes):
+            torch.manual_seed(pid)
+            for p in rt.node.model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    before = [torch.stack([dict(r.node.model.named_parameters())[n].detach().double() for r in nodes])
+              for n, _ in nodes[0].node.model.named_parameters()]
+    run_reference_job(cfg, runtimes=nodes)
+    after = [torch.stack([dict(r.node.model.named_parameters())[n].detach().double() for r in nodes])
+             for n, _ in nodes[0].node.model.named_parameters()]
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a.mean(0), b.mean(0), rtol=0, atol=1e-6)  # fp32 model: rounding only
+    spread = [float((a - a.mean(0)).abs().max()) / max(float((b - b.mean(0)).abs().max()), 1e-12)
+              for b, a in zip(before, after)]
+    assert np.max(spread) < 1.0  # and the nodes moved towards agreement
+
+
+def test_oracle_and_fast_reference_agree(tiny_cfg):
+    cfg = tiny_cfg.replace(num_nodes=4, topology="complete")
+    slow, fast = build_nodes(cfg), build_nodes(cfg)
+    run_reference_job(cfg, runtimes=slow)
+    run_reference_job(cfg, runtimes=fast, fast=True)
+    for a, b in zip(slow, fast):
+        for pa, pb in zip(a.node.model.parameters(), b.node.model.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)

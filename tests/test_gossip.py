@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from deca_flower.core.gossip import BlockError, check_block, mix
+from deca_flower.core.topology import build_graph, metropolis_hastings, neighbours
+
+
+def test_mixing_preserves_the_average_exactly_in_float64():
+    weights = metropolis_hastings(build_graph("erdos_renyi", 6, seed=2, edge_prob=0.4))
+    torch.manual_seed(0)
+    halves = [[torch.randn(5, 3, dtype=torch.float64)] for _ in range(6)]
+    mixed = [mix(halves[i], weights[i, i], [(w, halves[j]) for j, w in neighbours(weights, i).items()])[0]
+             for i in range(6)]
+    # mix() accumulates in fp32; float64 inputs still agree to fp32 precision
+    before, after = torch.stack([h[0] for h in halves]).mean(0), torch.stack(mixed).mean(0).double()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_weights_must_sum_to_one():
+    with pytest.raises(ValueError, match="sum to"):
+        mix([torch.zeros(2)], 0.5, [(0.4, [torch.zeros(2)])])
+
+
+EXPECTED = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+
+
+@pytest.mark.parametrize(("received", "message"), [
+    ({"a": torch.zeros(2, 3), "b": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, "NaN or Inf"),
+    ({"a": torch.zeros(2, 3), "b": torch.tensor([0.0, float("inf"), 0.0, 0.0])}, "NaN or Inf"),
+    ({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, "shape"),
+    ({"a": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(4)}, "dtype"),
+    ({"a": torch.zeros(2, 3)}, "missing"),
+    ({"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}, "unexpected"),
+])
+def test_bad_neighbour_blocks_are_rejected_with_the_sender_named(received, message):
+    with pytest.raises(BlockError, match=message) as info:
+        check_block(received, EXPECTED, "node 5")
+    assert "node 5" in str(info.value)
