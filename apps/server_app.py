@@ -1,4 +1,5 @@
-"""ServerApp: resolve the run config, then relay blocks between graph neighbours (never average)."""
+"""ServerApp: resolve the run config, then relay blocks between graph neighbours (never average);
+method fedavg runs Flower's FedAvg strategy instead, as the centralised reference."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from deca_flower.config import DecaConfig
 from deca_flower.flower.coordinator import run_deca
+from deca_flower.flower.fedavg import run_fedavg
 from deca_flower.logs import use_flower_logging
 from deca_flower.paths import prepare_run
 
@@ -17,4 +19,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     use_flower_logging()
     cfg, run_dir = prepare_run(DecaConfig.from_run_config(context.run_config))
-    run_deca(grid, cfg, run_dir)
+    (run_fedavg if cfg.method == "fedavg" else run_deca)(grid, cfg, run_dir)

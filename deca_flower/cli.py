@@ -2,6 +2,7 @@
 
     deca-flower prepare                         # convert + cache SmolLM2-135M-Instruct (once)
     deca-flower reference --run-config "model='tiny-random' num-nodes=3"
+    deca-flower plan --model smollm2-135m-instruct --layers-per-block 2 --nodes 4 --topology erdos_renyi
 """
 
 from __future__ import annotations
@@ -29,12 +30,42 @@ def main(argv: list[str] | None = None) -> int:
     ref = sub.add_parser("reference", help="run DECA for all nodes in one process (no Flower)")
     ref.add_argument("--run-config", default="", help="overrides, e.g. \"num-nodes=3 bma='none'\"")
     ref.add_argument("--fast", action="store_true", help="mix all nodes with one matmul per tensor")
+    plan = sub.add_parser("plan", help="predict memory, bytes and messages of a run before running it")
+    plan.add_argument("--model", default=DecaConfig.model)
+    plan.add_argument("--layers-per-block", type=int, default=DecaConfig.layers_per_block)
+    plan.add_argument("--nodes", type=int, default=DecaConfig.num_nodes)
+    plan.add_argument("--topology", default=DecaConfig.topology)
+    plan.add_argument("--steps-per-block", type=int, default=DecaConfig.steps_per_block)
+    plan.add_argument("--rounds", type=int, default=DecaConfig.rounds)
+    plan.add_argument("--bf16", action="store_true", help="GPU accounting: bf16 weights, fp32 masters")
+    plan.add_argument("--json", action="store_true")
+    cmp = sub.add_parser("compare", help="run an experiment's methods with flwr run and write a table + plots")
+    cmp.add_argument("experiment", help="e.g. conf/experiments/bbc-small.yaml")
+    cmp.add_argument("--only", default="", help="comma-separated run labels to (re)run; others are kept")
+    cmp.add_argument("--plots-only", action="store_true", help="rewrite table and plots from finished runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prepare":
         from deca_flower.models import prepare_default_model
 
         print(prepare_default_model())
+        return 0
+    if args.command == "compare":
+        from deca_flower.compare import compare
+
+        compare(args.experiment, [x for x in args.only.split(",") if x], args.plots_only)
+        return 0
+    if args.command == "plan":
+        from deca_flower.plan import format_plan, make_plan
+
+        try:
+            cfg = DecaConfig(model=args.model, layers_per_block=args.layers_per_block, num_nodes=args.nodes,
+                             topology=args.topology, steps_per_block=args.steps_per_block, rounds=args.rounds)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+        result = make_plan(cfg, bf16=args.bf16)
+        print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
         return 0
     try:
         cfg = DecaConfig.from_run_config(parse_overrides(args.run_config))

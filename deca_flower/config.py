@@ -16,7 +16,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-METHODS = ("deca",)
+METHODS = ("deca", "deca-nobma", "deca-trivial", "fedavg", "dadam", "declora")
+# the paper's ablation: the method name fixes the moment approximation
+METHOD_BMA = {"deca-nobma": "none", "deca-trivial": "trivial", "dadam": "none", "declora": "none", "fedavg": "none"}
 TOPOLOGIES = ("ring", "erdos_renyi", "bipartite", "complete", "torus", "exponential")
 PARTITIONERS = ("dirichlet", "iid", "shard")
 BMA_MODES = ("full", "none", "trivial")
@@ -40,7 +42,7 @@ class DecaConfig:
     preset: str = ""
     """Name of a conf/*.yaml (or conf/experiments/*.yaml) preset, or a path; "" for none."""
     method: str = "deca"
-    """Training method."""
+    """deca (bma as set), deca-nobma, deca-trivial, fedavg (Flower's FedAvg), dadam (whole-model gossip Adam), declora."""
     model: str = "smollm2-135m-instruct"
     """Embedded default, a Hugging Face hub id, a local model dir, or "tiny-random"."""
     dataset: str = "bbc-news"
@@ -63,10 +65,10 @@ class DecaConfig:
     """T: passes over all blocks."""
     layers_per_block: int = 2
     """k: consecutive decoder layers per block."""
-    steps_per_block: int = 4
+    steps_per_block: int = 8
     """R: local Adam steps (each followed by gossip) per block visit."""
-    block_order: str = "ascending"
-    """Order of block visits within a round."""
+    block_order: str = "descending"
+    """Order of block visits within a round (descending: top layers first, the fastest gain measured)."""
     embeddings: str = "block"
     """Input embeddings (and a tied lm_head): their own block, or frozen."""
     lr: float = 1e-4
@@ -79,6 +81,10 @@ class DecaConfig:
     """Adam epsilon."""
     bma: str = "full"
     """Block-wise moment approximation: full, none (no BMA) or trivial."""
+    lora_rank: int = 8
+    """Dec-LoRA adapter rank (method declora)."""
+    lora_alpha: float = 16.0
+    """Dec-LoRA scaling alpha."""
     bma_beta1: float = 0.9
     """b1: weight of the old first moment when folding in the consensus signal."""
     bma_beta2: float = 0.999
@@ -93,7 +99,7 @@ class DecaConfig:
     """Held-out examples scored per evaluation (0 = the whole test split)."""
     eval_batch_size: int = 16
     """Examples per evaluation forward pass."""
-    eval_every_blocks: int = 5
+    eval_every_blocks: int = 8
     """Evaluate after every this many block visits (0 = only at the end of each round)."""
     eval_initial: bool = True
     """Evaluate the untrained model before training."""
@@ -148,6 +154,11 @@ class DecaConfig:
             raise ConfigError(f"cannot merge config (preset '{preset}'): {err}") from err
         return cls(**merged)  # type: ignore[arg-type]
 
+    @property
+    def effective_bma(self) -> str:
+        """The moment approximation the method actually uses."""
+        return METHOD_BMA.get(self.method, self.bma)
+
     def replace(self, **changes: Any) -> DecaConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -199,7 +210,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
     choice("device", DEVICES)
     choice("state_sync", STATE_SYNC)
     for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
-                 "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s",
+                 "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
                  "reply_timeout_s", "shards_per_node"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
@@ -217,6 +228,10 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append(f"num-nodes must be >= 2 for gossip, got {cfg.num_nodes}")
     if not cfg.model:
         out.append("model is empty: give the embedded default, a hub id or a local path")
-    if cfg.discrepancy == "scaled" and cfg.lr == 0 and cfg.bma != "none":
+    elif cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().exists():
+        out.append(f"model path '{cfg.model}' does not exist")
+    if cfg.dataset.endswith((".jsonl", ".json", ".csv")) and not Path(cfg.dataset).expanduser().is_file():
+        out.append(f"dataset file '{cfg.dataset}' does not exist")
+    if cfg.discrepancy == "scaled" and cfg.lr == 0 and METHOD_BMA.get(cfg.method, cfg.bma) != "none":
         out.append("discrepancy='scaled' divides by lr: lr=0 needs bma='none'")
     return out

@@ -27,7 +27,8 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
     schedule = build_schedule(len(runtimes[0].blocks), cfg.rounds, cfg.block_order, cfg.seed)
     start = time.time()
     losses: list[float] = []
-    run_reference([r.node for r in runtimes], weights, schedule, cfg.steps_per_block, fast=fast,
+    steps = runtimes[0].steps_per_visit
+    run_reference([r.node for r in runtimes], weights, schedule, steps, fast=fast,
                   on_step=lambda visit, step, node_losses: losses.append(sum(node_losses) / len(node_losses)),
                   after_visit=lambda v: log.info("visit %d/%d block %d: loss %.4f", v.position + 1, len(schedule),
                                                  v.block, losses[-1]))
@@ -36,5 +37,5 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
     acc = mean_std([m["accuracy"] for m in per_node])
     f1 = mean_std([m["macro_f1"] for m in per_node])
     return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
-            "per_node": per_node, "train_s": train_s, "inner_steps": len(schedule) * cfg.steps_per_block,
+            "per_node": per_node, "train_s": train_s, "inner_steps": len(schedule) * steps,
             "loss_per_step": losses}

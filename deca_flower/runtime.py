@@ -16,10 +16,11 @@ import torch
 from datasets import Dataset
 
 from deca_flower.config import DecaConfig
-from deca_flower.core.blocks import Block, partition_blocks
+from deca_flower.core.blocks import Block
 from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
 from deca_flower.data.partition import build_partitioner, node_partition, train_test
 from deca_flower.data.sources import load_corpus
+from deca_flower.methods import add_lora, method_blocks
 from deca_flower.models import load_model
 from deca_flower.task import ClassificationTask, Encoded
 
@@ -65,6 +66,7 @@ class NodeRuntime:
     test: Encoded
     node: DecaNode
     label_counts: list[int]
+    steps_per_visit: int
     generation: int = 0  # messages processed; see flower/state.py
 
     @property
@@ -86,8 +88,10 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
     train = task.encode(list(part["text"]), list(part["label"]))
     test_part = eval_subset(test_split, cfg.eval_samples, cfg.seed)
     test = task.encode(list(test_part["text"]), list(test_part["label"]))
-    blocks = partition_blocks(model, cfg.layers_per_block, cfg.embeddings)
-    settings = AdamSettings(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, bma=cfg.bma,
+    if cfg.method == "declora":
+        model = add_lora(model, cfg).to(device)
+    blocks, steps_per_visit = method_blocks(model, cfg)
+    settings = AdamSettings(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, bma=cfg.effective_bma,
                             bma_betas=(cfg.bma_beta1, cfg.bma_beta2), discrepancy=cfg.discrepancy)
     sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, partition_id)
     node = DecaNode(model, blocks, settings, sampler,
@@ -95,4 +99,4 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
     counts = np.bincount(train.labels, minlength=len(label_names)).tolist()
     log.info("node %d ready on %s in %.1fs: %d train examples %s, %d blocks",
              partition_id, device, time.time() - start, len(train), counts, len(blocks))
-    return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts)
+    return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts, steps_per_visit)

@@ -15,9 +15,11 @@ def test_pyproject_run_config_mirrors_the_dataclass_defaults():
 
 def test_every_problem_is_reported_at_once_before_any_loading():
     with pytest.raises(ConfigError) as info:
-        DecaConfig(topology="star", method="sgd", lr=-1.0, alpha=0.0, layers_per_block=0)
+        DecaConfig(topology="star", method="sgd", lr=-1.0, alpha=0.0, layers_per_block=0, model="/no/such/model",
+                   dataset="./missing.jsonl")
     text = str(info.value)
-    for fragment in ("topology='star'", "method='sgd'", "lr must be >= 0", "alpha must be > 0", "layers-per-block must be > 0"):
+    for fragment in ("topology='star'", "method='sgd'", "lr must be >= 0", "alpha must be > 0", "layers-per-block must be > 0",
+                     "model path '/no/such/model' does not exist", "dataset file './missing.jsonl' does not exist"):
         assert fragment in text
 
 

@@ -73,6 +73,7 @@ class DecaNode:
         self.loss_fn = loss_fn
         self.active: ActiveBlock | None = None
         self.optimizer: BlockAdam | None = None
+        self.peak_optimizer_bytes = 0  # grads + Adam moments + theta copy (+ fp32 masters), measured
 
     @property
     def active_index(self) -> int | None:
@@ -101,8 +102,12 @@ class DecaNode:
             raise FloatingPointError(f"training loss is {loss.item()} on block {active.block.name}")
         loss.backward()
         active.grads_to_master()
+        grad_bytes = sum(m.grad.numel() * m.grad.element_size() for m in active.masters if m.grad is not None)
         optimizer.step()
         active.master_to_model()
+        master_bytes = sum(m.numel() * m.element_size() for m in active.masters) if active.has_copy else 0
+        self.peak_optimizer_bytes = max(self.peak_optimizer_bytes,
+                                        grad_bytes + optimizer.optimizer_bytes() + master_bytes)
         return float(loss.detach()), {k: v.clone() for k, v in active.values().items()}
 
     def block_values(self) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ def handle_query(msg: Message, context: Context) -> Message:
         "partition-id": runtime.partition_id, "device": str(runtime.device),
         "train-examples": len(runtime.train), "label-counts": runtime.label_counts,
         "num-blocks": len(runtime.blocks), "block-names": [b.name for b in runtime.blocks],
+        "steps-per-visit": runtime.steps_per_visit,
         "setup-s": time.time() - start,
     })
     return Message(RecordDict({rk.NODE_INFO: info}), reply_to=msg)
@@ -91,7 +92,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         start = time.time()
         loss, half = node.local_step()
         content[rk.HALF] = rk.block_to_record(half)
-        content[rk.METRICS] = MetricRecord({"loss": loss, "step-s": time.time() - start})
+        content[rk.METRICS] = MetricRecord({"loss": loss, "step-s": time.time() - start,
+                                            "opt-bytes": float(node.peak_optimizer_bytes)})
     commit(context, runtime, finished_block=finished, finished_index=finished_index)
     return Message(content, reply_to=msg)
 

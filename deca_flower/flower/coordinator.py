@@ -40,6 +40,7 @@ class _Progress:
     step: int = 0
     bytes_sent: np.ndarray = field(default_factory=lambda: np.zeros(0))
     halves: dict[int, ArrayRecord] = field(default_factory=dict)
+    peak_opt_bytes: float = 0.0
     started: float = field(default_factory=time.time)
 
 
@@ -95,15 +96,16 @@ class Coordinator:
 
     # -- training ------------------------------------------------------------------------
 
-    def train(self, weights: np.ndarray, num_blocks: int, evaluate_every: int) -> None:
+    def train(self, weights: np.ndarray, num_blocks: int, steps_per_visit: int, evaluate_every: int) -> None:
         cfg, progress = self.cfg, self.progress
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
-        total = len(schedule) * cfg.steps_per_block
+        total = len(schedule) * steps_per_visit
         for visit in schedule:
             losses: list[float] = []
-            for r in range(cfg.steps_per_block):
+            for r in range(steps_per_visit):
                 metrics = self.exchange(weights, block=visit.block, start=(r == 0))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
+                progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
             distance = consensus_distance([rk.record_to_block(h, "relay") for h in progress.halves.values()])
             self.writer.append({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress.step,
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
@@ -197,13 +199,13 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     weights = metropolis_hastings(graph)
     gap = spectral_gap(weights)
-    num_blocks = int(infos[0]["num-blocks"])
+    num_blocks, steps_per_visit = int(infos[0]["num-blocks"]), int(infos[0]["steps-per-visit"])
     log.info("%d nodes ready in %.0fs; %s graph with %d edges, spectral gap %.3f; %d blocks x %d steps x %d rounds",
              cfg.num_nodes, time.time() - started, cfg.topology, graph.number_of_edges(), gap, num_blocks,
-             cfg.steps_per_block, cfg.rounds)
+             steps_per_visit, cfg.rounds)
     plot_label_distribution(partitioner_for(cfg), run_dir, f"{cfg.partitioner} split over {cfg.num_nodes} nodes")
     initial = coordinator.evaluate([0], 0, -1) if cfg.eval_initial else None
-    coordinator.train(weights, num_blocks, cfg.eval_every_blocks)
+    coordinator.train(weights, num_blocks, steps_per_visit, cfg.eval_every_blocks)
     final = writer.evaluations[-1]
     summary = {
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_nodes": cfg.num_nodes,
@@ -212,6 +214,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         "final": {k: final[k] for k in final if k.startswith(("accuracy", "macro_f1"))},
         "initial": None if initial is None else {"accuracy": initial["accuracy_mean"], "macro_f1": initial["macro_f1_mean"]},
         "bytes_sent_per_node": float(coordinator.progress.bytes_sent.mean()),
+        "peak_optimizer_bytes_per_node": coordinator.progress.peak_opt_bytes,
         "wall_time_s": time.time() - started,
         "label_counts": {pid: infos[pid]["label-counts"] for pid in sorted(infos)},
     }

@@ -1,0 +1,66 @@
+"""Framework overhead: wall time per inner step under `flwr run` (simulation engine) versus the
+single-process reference doing the same math on the same config and seed.
+
+    python bench/overhead.py [--run-config "..."]
+
+Both runs train all nodes on this machine; per inner step = training wall time / inner steps
+(the Flower figure comes from the run's metrics.jsonl, evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deca_flower.cli import parse_overrides
+from deca_flower.config import DecaConfig
+from deca_flower.reference_run import run_reference_job
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initial=false eval-samples=8 "
+           "eval-every-blocks=0")
+
+
+def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, int]:
+    run_name = f"overhead-{int(time.time())}"
+    env = {**os.environ, "FLWR_HOME": tempfile.mkdtemp(), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "DECA_FLOWER_HOME": str(ROOT)}
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"{overrides} run-name='{run_name}'",
+           "--federation-config", f"num-supernodes={num_nodes}"]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
+    finally:  # the local SuperLink that `flwr run` started detached
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{env['FLWR_HOME']}"], check=False)
+        subprocess.run(["pkill", "-f", "flower-superlink --insecure --simulation"], check=False)
+    records = [json.loads(line) for line in (ROOT / "results/runs" / run_name / "metrics.jsonl").read_text().splitlines()]
+    visits = [r for r in records if r["kind"] == "visit"]
+    return visits[-1]["elapsed_s"] / visits[-1]["step"], visits[-1]["step"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-config", default=DEFAULT)
+    args = parser.parse_args()
+    cfg = DecaConfig.from_run_config(parse_overrides(args.run_config))
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA {torch.cuda.is_available()}")
+    reference = run_reference_job(cfg)
+    ref_step = reference["train_s"] / reference["inner_steps"]
+    flower_step, steps = flower_per_step(args.run_config, cfg.num_nodes)
+    print(f"reference: {ref_step:.2f} s per inner step ({reference['inner_steps']} steps, {cfg.num_nodes} nodes)")
+    print(f"flwr run simulation: {flower_step:.2f} s per inner step ({steps} steps)")
+    print(f"overhead ratio: {flower_step / ref_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Run several methods / settings one after another with `flwr run` and compare them.
+
+    deca-flower compare conf/experiments/bbc-small.yaml [--only deca,fedavg] [--plots-only]
+
+An experiment file has `config` (run-config keys shared by every run), `runs` (a list of
+overrides, each with a `label`) and optionally `num-supernodes`. Every run is a real
+`flwr run . --stream` (simulation engine); results/<experiment>/ gets README.md (the table, each
+row with its exact command), results.json and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from deca_flower.config import DecaConfig
+from deca_flower.results import plt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_config_string(values: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f"'{v}'" if isinstance(v, str) else repr(v)
+    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
+def load_experiment(path: Path) -> dict[str, Any]:
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    for key in ("config", "runs"):
+        if key not in spec:
+            raise ValueError(f"experiment {path} lacks '{key}'")
+    labels = [r.get("label") for r in spec["runs"]]
+    if None in labels or len(set(labels)) != len(labels):
+        raise ValueError(f"experiment {path}: every run needs a distinct label, got {labels}")
+    for run in spec["runs"]:  # validate every run's config before anything starts
+        values = {**spec["config"], **{k: v for k, v in run.items() if k != "label"}}
+        DecaConfig.from_run_config(values)
+    return spec
+
+
+def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    values = {**spec["config"], **{k: v for k, v in run.items() if k != "label"}}
+    values.update({"results-dir": str(out_dir / "runs"), "run-name": run["label"]})
+    nodes = spec.get("num-supernodes", DecaConfig.from_run_config(values).num_nodes)
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config_string(values),
+           "--federation-config", f"num-supernodes={nodes}"]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    log_file = out_dir / "runs" / f"{run['label']}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log_file.open("w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    summary_file = out_dir / "runs" / run["label"] / "summary.json"
+    if code != 0 or not summary_file.is_file():
+        raise RuntimeError(f"{name}/{run['label']} failed (exit {code}); see {log_file}")
+    summary = json.loads(summary_file.read_text())
+    shutil.rmtree(out_dir / "runs" / run["label"] / "nodes", ignore_errors=True)  # node checkpoints: GBs, done with
+    summary["command"] = shlex.join(cmd).replace(str(ROOT), ".")
+    summary["total_wall_s"] = time.time() - start
+    return summary
+
+
+def evals_of(out_dir: Path, label: str) -> list[dict[str, Any]]:
+    lines = (out_dir / "runs" / label / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def visits_of(out_dir: Path, label: str) -> list[dict[str, Any]]:
+    lines = (out_dir / "runs" / label / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "visit"]
+
+
+def write_report(name: str, spec: dict[str, Any], summaries: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    mib = 2**20
+    rows = ["| run | method | topology (spectral gap) | accuracy | macro-F1 | bytes sent / node | peak opt+grad / node | "
+            "wall s | inner steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, s in summaries.items():
+        f = s["final"]
+        gap = f" ({s['spectral_gap']:.3f})" if "spectral_gap" in s else ""
+        rows.append(f"| {label} | {s['method']} | {s['topology']}{gap} | {f['accuracy_mean']:.3f} +- {f['accuracy_std']:.3f} "
+                    f"| {f['macro_f1_mean']:.3f} +- {f['macro_f1_std']:.3f} | {s['bytes_sent_per_node'] / mib:,.0f} MiB "
+                    f"| {s.get('peak_optimizer_bytes_per_node', 0) / mib:,.0f} MiB | {s['wall_time_s']:.0f} "
+                    f"| {s['inner_steps']} |")
+    initial = next((s["initial"] for s in summaries.values() if s.get("initial")), None)
+    text = [f"# {name}", "", f"Regenerate: `deca-flower compare {spec['_path']}`", ""]
+    if initial:
+        text += [f"Untrained model: accuracy {initial['accuracy']:.3f}, macro-F1 {initial['macro_f1']:.3f}.", ""]
+    text += rows + ["", "Accuracy and macro-F1: mean +- std over nodes on the held-out split, after the last step.",
+                    "", "## Commands", ""]
+    text += [f"- {label}: `{s['command']}`" for label, s in summaries.items()]
+    text += ["", "![accuracy vs step](accuracy_vs_step.png) ![accuracy vs bytes](accuracy_vs_bytes.png) "
+             "![consensus](consensus_vs_step.png)", ""]
+    (out_dir / "README.md").write_text("\n".join(text))
+    (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))
+    for x_key, x_label, file in (("step", "inner step", "accuracy_vs_step.png"),
+                                 ("bytes_sent_per_node", "MiB sent per node", "accuracy_vs_bytes.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label in summaries:
+            evals = evals_of(out_dir, label)
+            xs = [e[x_key] / (mib if x_key != "step" else 1) for e in evals]
+            ax.plot(xs, [e["accuracy_mean"] for e in evals], marker="o", label=label)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("mean held-out accuracy")
+        if x_key != "step":
+            ax.set_xscale("symlog")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / file, dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in summaries:
+        visits = visits_of(out_dir, label)
+        if visits:
+            ax.plot([v["step"] for v in visits], [v["consensus_distance"] for v in visits], marker=".", label=label)
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("consensus distance of relayed blocks")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "consensus_vs_step.png", dpi=120)
+    plt.close(fig)
+
+
+def compare(path: str, only: list[str] | None = None, plots_only: bool = False) -> Path:
+    spec = load_experiment(Path(path))
+    spec["_path"] = path
+    name = Path(path).stem
+    out_dir = ROOT / "results" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    old = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
+    runs = [r for r in spec["runs"] if not only or r["label"] in only]
+    for i, run in enumerate(spec["runs"]):
+        label = run["label"]
+        if run not in runs or plots_only:
+            if label in old:
+                summaries[label] = old[label]
+            continue
+        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: running", flush=True)
+        summaries[label] = run_one(name, spec, run, out_dir)
+        s = summaries[label]
+        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: accuracy {s['final']['accuracy_mean']:.3f} "
+              f"+- {s['final']['accuracy_std']:.3f} in {s['wall_time_s']:.0f}s", flush=True)
+        write_report(name, spec, {k: summaries[k] for k in summaries}, out_dir)  # partial results survive
+    write_report(name, spec, summaries, out_dir)
+    print(f"wrote {out_dir / 'README.md'}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    compare(sys.argv[1])

@@ -1,0 +1,94 @@
+"""Predict a run's memory per node, bytes on the wire and message count before anything runs.
+
+    deca-flower plan --model smollm2-135m-instruct --layers-per-block 2 --nodes 4 --topology erdos_renyi
+
+The model is built on the meta device from its config (no weights are loaded). Accounting,
+for P parameters, the active block's b parameters, w bytes per weight (4 on CPU, 2 in bf16):
+    DECA optimizer + grads  = b * (4 grad + 8 Adam moments + 4 theta copy for BMA [+ 4 fp32 master if bf16])
+    full Adam               = P * (w grad + 8 moments [+ 4 fp32 master if bf16])
+    bytes per exchange      = b * w * degree (each neighbour gets the half-step block once)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from deca_flower.config import DecaConfig
+from deca_flower.core.blocks import partition_blocks
+from deca_flower.core.topology import build_graph
+
+
+@dataclass
+class Plan:
+    params: int
+    weight_bytes: int
+    num_blocks: int
+    largest_block_params: int
+    deca_optimizer_bytes: int
+    full_adam_optimizer_bytes: int
+    deca_peak_bytes: int
+    full_adam_peak_bytes: int
+    mean_degree: float
+    bytes_per_exchange_mean: float
+    bytes_per_node_run: float
+    fedavg_bytes_per_node_run: float
+    train_messages: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def meta_model(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deca_flower.models import TINY_MODEL, resolve_model_source, tiny_random_model
+
+    if name == TINY_MODEL:
+        return tiny_random_model(0)
+    config = AutoConfig.from_pretrained(resolve_model_source(name))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
+    model = model if model is not None else meta_model(cfg.model)
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    blocks = partition_blocks(model, cfg.layers_per_block, cfg.embeddings)
+    sizes = [sum(params[n] for n in b.param_names) for b in blocks]
+    total = sum(params.values())
+    w = 2 if bf16 else 4
+    per_active = 4 + 8 + (4 if cfg.bma != "none" else 0) + (4 if bf16 else 0)
+    deca_opt = max(sizes) * per_active
+    full_opt = total * (w + 8 + (4 if bf16 else 0))
+    graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
+    degree = 2 * graph.number_of_edges() / cfg.num_nodes
+    steps_per_visit = cfg.steps_per_block
+    per_run = cfg.rounds * sum(sizes) * w * degree * steps_per_visit
+    visits = len(blocks) * cfg.rounds
+    return Plan(
+        params=total, weight_bytes=total * w, num_blocks=len(blocks), largest_block_params=max(sizes),
+        deca_optimizer_bytes=deca_opt, full_adam_optimizer_bytes=full_opt,
+        deca_peak_bytes=total * w + deca_opt, full_adam_peak_bytes=total * w + full_opt,
+        mean_degree=degree, bytes_per_exchange_mean=sum(sizes) / len(sizes) * w * degree,
+        bytes_per_node_run=per_run, fedavg_bytes_per_node_run=2.0 * total * w * cfg.rounds,
+        train_messages=cfg.num_nodes * visits * steps_per_visit,
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    gib = 1024**3
+    mib = 1024**2
+    return "\n".join([
+        f"parameters            {plan.params:,} in {plan.num_blocks} blocks (largest {plan.largest_block_params:,})",
+        f"weights               {plan.weight_bytes / gib:.3f} GiB per node",
+        f"optimizer+grads       DECA {plan.deca_optimizer_bytes / mib:.1f} MiB vs full Adam "
+        f"{plan.full_adam_optimizer_bytes / mib:.1f} MiB ({plan.full_adam_optimizer_bytes / plan.deca_optimizer_bytes:.1f}x)",
+        f"peak (weights+opt)    DECA {plan.deca_peak_bytes / gib:.3f} GiB vs full Adam {plan.full_adam_peak_bytes / gib:.3f} GiB",
+        f"mean degree           {plan.mean_degree:.2f}",
+        f"bytes per exchange    {plan.bytes_per_exchange_mean / mib:.1f} MiB per node (block bytes x degree, mean over blocks)",
+        f"bytes per node, run   {plan.bytes_per_node_run / gib:.3f} GiB "
+        f"(FedAvg, same rounds: {plan.fedavg_bytes_per_node_run / gib:.3f} GiB)",
+        f"train messages        {plan.train_messages:,}",
+    ])

@@ -1,0 +1,37 @@
+"""Shipped presets and experiments parse, validate, and start on a local model dir."""
+
+from pathlib import Path
+
+import pytest
+
+from deca_flower.compare import load_experiment, run_config_string
+from deca_flower.config import DecaConfig
+from deca_flower.models import byte_tokenizer, tiny_random_model
+from deca_flower.runtime import build_runtime
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "conf" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.stem != "paper-qwen"], ids=lambda p: p.stem)
+def test_experiments_validate_every_run(path):
+    spec = load_experiment(path)
+    assert len(spec["runs"]) >= 3
+
+
+def test_paper_qwen_preset_starts_on_a_local_model_dir(tmp_path):
+    model_dir = tmp_path / "qwen-stand-in"
+    tiny_random_model(0).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    cfg = DecaConfig.from_run_config({"preset": "paper-qwen", "model": str(model_dir)})
+    assert (cfg.num_nodes, cfg.rounds, cfg.steps_per_block, cfg.lr) == (8, 4, 48, 5e-5)
+    runtime = build_runtime(cfg.replace(eval_samples=8), 0)
+    runtime.node.start_block(1)
+    loss, _ = runtime.node.local_step()
+    assert loss > 0
+
+
+def test_run_config_string_round_trips_through_flowers_parser():
+    from deca_flower.cli import parse_overrides
+
+    values = {"method": "deca", "lr": 0.001, "eval-initial": False, "num-nodes": 4}
+    assert parse_overrides(run_config_string(values)) == values
