@@ -32,17 +32,12 @@ DEFAULT = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initia
 
 def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, int]:
     run_name = f"overhead-{int(time.time())}"
-    env = {**os.environ, "FLWR_HOME": tempfile.mkdtemp(), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "DECA_FLOWER_HOME": str(ROOT)}
-    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"{overrides} run-name='{run_name}'",
+    results = Path(tempfile.mkdtemp())
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"{overrides} run-name='{run_name}' results-dir='{results}'",
            "--federation-config", f"num-supernodes={num_nodes}"]
-    try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
-    finally:  # the local SuperLink that `flwr run` started detached
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{env['FLWR_HOME']}"], check=False)
-        subprocess.run(["pkill", "-f", "flower-superlink --insecure --simulation"], check=False)
-    records = [json.loads(line) for line in (ROOT / "results/runs" / run_name / "metrics.jsonl").read_text().splitlines()]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
+    records = [json.loads(line) for line in (results / run_name / "metrics.jsonl").read_text().splitlines()]
     visits = [r for r in records if r["kind"] == "visit"]
     return visits[-1]["elapsed_s"] / visits[-1]["step"], visits[-1]["step"]
 

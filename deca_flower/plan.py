@@ -7,6 +7,7 @@ for P parameters, the active block's b parameters, w bytes per weight (4 on CPU,
     DECA optimizer + grads  = b * (4 grad + 8 Adam moments + 4 theta copy for BMA [+ 4 fp32 master if bf16])
     full Adam               = P * (w grad + 8 moments [+ 4 fp32 master if bf16])
     bytes per exchange      = b * w * degree (each neighbour gets the half-step block once)
+    FedAvg                  = 2 * P * w per round (model down and up), T * B rounds of R steps
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
         deca_optimizer_bytes=deca_opt, full_adam_optimizer_bytes=full_opt,
         deca_peak_bytes=total * w + deca_opt, full_adam_peak_bytes=total * w + full_opt,
         mean_degree=degree, bytes_per_exchange_mean=sum(sizes) / len(sizes) * w * degree,
-        bytes_per_node_run=per_run, fedavg_bytes_per_node_run=2.0 * total * w * cfg.rounds,
+        bytes_per_node_run=per_run, fedavg_bytes_per_node_run=2.0 * total * w * cfg.rounds * len(blocks),  # T*B rounds of R steps
         train_messages=cfg.num_nodes * visits * steps_per_visit,
     )
 
@@ -89,6 +90,6 @@ def format_plan(plan: Plan) -> str:
         f"mean degree           {plan.mean_degree:.2f}",
         f"bytes per exchange    {plan.bytes_per_exchange_mean / mib:.1f} MiB per node (block bytes x degree, mean over blocks)",
         f"bytes per node, run   {plan.bytes_per_node_run / gib:.3f} GiB "
-        f"(FedAvg, same rounds: {plan.fedavg_bytes_per_node_run / gib:.3f} GiB)",
+        f"(FedAvg at equal local steps: {plan.fedavg_bytes_per_node_run / gib:.3f} GiB)",
         f"train messages        {plan.train_messages:,}",
     ])

@@ -34,25 +34,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s: {log.read_text()[-2000:]}")
+
+
 @pytest.mark.deployment
 def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path):
-    fleet, control, appio, *node_ports = free_ports(6)
+    link, *node_ports = free_ports(4)  # Flower 1.41 serves Fleet, Control and ServerAppIo on one HTTP port
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{control}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = [subprocess.Popen(
-        [BIN / "flower-superlink", "--insecure", "--isolation", "subprocess", "--fleet-api-address",
-         f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1",
-         "--port", str(appio), "--database", str(tmp_path / "link.db")],
+        [BIN / "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(link), "--database", str(tmp_path / "link.db")],
         env=env, stdout=(logs / "superlink.log").open("w"), stderr=subprocess.STDOUT)]
-    time.sleep(3)
+    wait_for_port(link, procs[0], logs / "superlink.log")
     for pid, port in enumerate(node_ports):
         procs.append(subprocess.Popen(
-            [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet}", "--node-config",
+            [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--node-config",
              f"partition-id={pid} num-partitions=3", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=(logs / f"supernode{pid}.log").open("w"), stderr=subprocess.STDOUT))
     cfg = tiny_cfg.replace(state_sync="step", run_name="deployed", results_dir=str(tmp_path / "runs"),

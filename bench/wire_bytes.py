@@ -1,0 +1,67 @@
+"""Bytes on the wire per exchange: the serialized train message a node receives (its neighbours'
+half-step blocks + weights + instruction + config) versus block bytes x degree.
+
+    python bench/wire_bytes.py [--model smollm2-135m-instruct] [--nodes 4] [--topology erdos_renyi]
+
+Serialization is Flower's own protobuf (`recorddict_to_proto`), i.e. what travels between
+SuperLink and SuperNode in deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from deca_flower.config import DecaConfig
+from deca_flower.core.topology import build_graph, metropolis_hastings, neighbours
+from deca_flower.flower import records as rk
+from deca_flower.methods import method_blocks
+from deca_flower.plan import make_plan, meta_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=DecaConfig.model)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--topology", default="erdos_renyi")
+    args = parser.parse_args()
+    cfg = DecaConfig(model=args.model, num_nodes=args.nodes, topology=args.topology)
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# machine: {platform.machine()}, torch {torch.__version__}")
+    model = meta_model(cfg.model)
+    blocks, _ = method_blocks(model, cfg)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    weights = metropolis_hastings(build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob))
+    plan = make_plan(cfg, model=model)
+    print("| block | params | degree | block bytes x degree | message bytes | ratio |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for block in (blocks[0], blocks[len(blocks) // 2], blocks[-1]):
+        half = rk.block_to_record({n: torch.zeros(shapes[n]) for n in block.param_names})
+        node = max(range(cfg.num_nodes), key=lambda i: len(neighbours(weights, i)))
+        nbrs = neighbours(weights, node)
+        content = RecordDict({rk.CONFIG: ConfigRecord(cfg.to_run_config()),
+                              rk.INSTRUCTION: ConfigRecord({rk.STEP: 1, rk.MIX: True, rk.BLOCK: block.index, rk.START: False})})
+        mixing = {"self": float(weights[node, node])}
+        for j, w in nbrs.items():
+            content[f"{rk.NEIGHBOUR_PREFIX}{j}"] = half
+            mixing[f"{rk.NEIGHBOUR_PREFIX}{j}"] = w
+        content[rk.WEIGHTS] = ConfigRecord(mixing)
+        payload = rk.record_bytes(half) * len(nbrs)
+        wire = recorddict_to_proto(content).ByteSize()
+        ratios.append(wire / payload)
+        print(f"| {block.name} | {sum(shapes[n].numel() for n in block.param_names):,} | {len(nbrs)} | {payload:,} "
+              f"| {wire:,} | {wire / payload:.4f} |")
+    print(f"\nworst ratio {max(ratios):.4f} (goal <= 1.02)")
+    print(f"plan: mean bytes per exchange {plan.bytes_per_exchange_mean / 2**20:.1f} MiB per node (mean degree "
+          f"{plan.mean_degree:.2f}), per node per run {plan.bytes_per_node_run / 2**30:.2f} GiB; "
+          f"FedAvg at equal local steps {plan.fedavg_bytes_per_node_run / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
