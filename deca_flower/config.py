@@ -85,6 +85,10 @@ class DecaConfig:
     """Dec-LoRA adapter rank (method declora)."""
     lora_alpha: float = 16.0
     """Dec-LoRA scaling alpha."""
+    on_bad_block: str = "stop"
+    """A neighbour block that fails validation: stop the run, or exclude it for this step and go on."""
+    max_block_deviation: float = 0.5
+    """Refuse a neighbour block farther than this times the norm of the node's own block (0 = off)."""
     bma_beta1: float = 0.9
     """b1: weight of the old first moment when folding in the consensus signal."""
     bma_beta2: float = 0.999
@@ -209,12 +213,13 @@ def _problems(cfg: DecaConfig) -> list[str]:
     choice("embeddings", EMBEDDING_MODES)
     choice("device", DEVICES)
     choice("state_sync", STATE_SYNC)
+    choice("on_bad_block", ("stop", "exclude"))
     for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
                  "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
                  "reply_timeout_s", "shards_per_node"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
-    for name in ("eval_samples", "eval_every_blocks"):
+    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class NodeRuntime:
     label_counts: list[int]
     steps_per_visit: int
     generation: int = 0  # messages processed; see flower/state.py
+    excluded_last_step: list[str] = field(default_factory=list)  # refused neighbour blocks, reported once
 
     @property
     def blocks(self) -> list[Block]:

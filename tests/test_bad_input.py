@@ -94,3 +94,29 @@ def test_more_nodes_than_data_or_graph_allows(tiny_cfg):
         build_runtime(tiny_cfg.replace(num_nodes=5000), 0)
     with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
         build_runtime(tiny_cfg.replace(layers_per_block=8), 0)
+
+
+def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_nodes=3, topology="complete", on_bad_block="exclude", max_block_deviation=0.0)
+    coordinator, grid = started_coordinator(cfg, tmp_path)
+    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+    runtime = state._WARM[(grid.run_id, coordinator.node_of[0])]
+    own = {k: v.clone() for k, v in runtime.node.block_values().items()}
+    good = {k: v + 1.0 for k, v in own.items()}
+    bad = {k: torch.full_like(v, math.nan) for k, v in own.items()}
+    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: good, 2: bad})])
+    assert not reply.has_error()
+    assert "node 2" in reply.content[rk.EXCLUDED]["senders"][0] and reply.content[rk.METRICS]["excluded"] == 1
+    # self weight 0 + the excluded 0.5 -> mixed = 0.5 * own + 0.5 * (own + 1); then one Adam step (lr 1e-3)
+    mixed_then_stepped = runtime.node.block_values()
+    for name, value in own.items():
+        torch.testing.assert_close(mixed_then_stepped[name], value + 0.5, atol=2e-3, rtol=0)
+
+
+def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
+    coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
+    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+    own = state._WARM[(grid.run_id, coordinator.node_of[0])].node.block_values()
+    far = {k: v * 100.0 for k, v in own.items()}
+    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far})])
+    assert reply.has_error() and "max-block-deviation" in reply.error.reason

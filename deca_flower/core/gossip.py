@@ -14,8 +14,10 @@ class BlockError(ValueError):
     """A received block does not match the expected block (names, shapes, dtype, values)."""
 
 
-def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], sender: str) -> None:
-    """Raise BlockError unless `received` has exactly the expected names, shapes, dtypes, finite values."""
+def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], sender: str,
+                max_deviation: float = 0.0) -> None:
+    """Raise BlockError unless `received` has exactly the expected names, shapes, dtypes, finite values,
+    and (max_deviation > 0) lies within max_deviation * ||own block|| of the node's own block."""
     missing = sorted(set(expected) - set(received))
     extra = sorted(set(received) - set(expected))
     if missing or extra:
@@ -28,6 +30,12 @@ def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             raise BlockError(f"block from {sender}: '{name}' has dtype {got.dtype}, expected {ref.dtype}")
         if not torch.isfinite(got).all():
             raise BlockError(f"block from {sender}: '{name}' contains NaN or Inf")
+    if max_deviation > 0:  # neighbours agree to within a few percent; a far-off block is an attack or a bug
+        own = math.sqrt(sum(float(t.double().pow(2).sum()) for t in expected.values()))
+        gap = math.sqrt(sum(float((received[n].double() - t.double()).pow(2).sum()) for n, t in expected.items()))
+        if gap > max_deviation * max(own, 1e-12):
+            raise BlockError(f"block from {sender} is {gap / max(own, 1e-12):.3g} x ||own block|| away "
+                             f"(limit max-block-deviation={max_deviation})")
 
 
 def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:

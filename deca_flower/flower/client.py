@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp.typing import ClientAppCallable
 
 from deca_flower.config import DecaConfig
-from deca_flower.core.gossip import BlockError
+from deca_flower.core.gossip import BlockError, check_block
 from deca_flower.flower import records as rk
 from deca_flower.flower.state import commit, get_runtime
 from deca_flower.runtime import NodeRuntime
@@ -46,18 +46,31 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if msg.metadata.message_type != rk.TRAIN or not msg.content[rk.INSTRUCTION][rk.MIX]:
         return call_next(msg, context)
     runtime = runtime_for(msg, context)
+    cfg, node = runtime.cfg, runtime.node
     weights = msg.content[rk.WEIGHTS]
-    others, senders = [], []
+    self_weight, others, senders, excluded = float(weights["self"]), [], [], []
+    own = node.block_values()
+    for key, record in msg.content.array_records.items():
+        if not key.startswith(rk.NEIGHBOUR_PREFIX):
+            continue
+        sender = f"node {key[len(rk.NEIGHBOUR_PREFIX):]}"
+        try:
+            block = rk.record_to_block(record, sender)
+            check_block(block, own, sender, cfg.max_block_deviation)
+        except (BlockError, rk.RecordError) as err:
+            log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
+            if cfg.on_bad_block == "stop":
+                return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
+            self_weight += float(weights[key])  # re-normalise: the excluded share stays with the node
+            excluded.append(f"{sender}: {err}")
+            continue
+        others.append((float(weights[key]), block))
+        senders.append(sender)
     try:
-        for key, record in msg.content.array_records.items():
-            if key.startswith(rk.NEIGHBOUR_PREFIX):
-                sender = f"node {key[len(rk.NEIGHBOUR_PREFIX):]}"
-                others.append((float(weights[key]), rk.record_to_block(record, sender)))
-                senders.append(sender)
-        runtime.node.apply_mix(float(weights["self"]), others, senders)
-    except (BlockError, rk.RecordError, ValueError) as err:
-        log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
+        node.apply_mix(self_weight, others, senders)
+    except (BlockError, ValueError) as err:
         return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
+    runtime.excluded_last_step = excluded
     return call_next(msg, context)
 
 
@@ -93,7 +106,11 @@ def handle_train(msg: Message, context: Context) -> Message:
         loss, half = node.local_step()
         content[rk.HALF] = rk.block_to_record(half)
         content[rk.METRICS] = MetricRecord({"loss": loss, "step-s": time.time() - start,
-                                            "opt-bytes": float(node.peak_optimizer_bytes)})
+                                            "opt-bytes": float(node.peak_optimizer_bytes),
+                                            "excluded": float(len(runtime.excluded_last_step))})
+        if runtime.excluded_last_step:
+            content[rk.EXCLUDED] = ConfigRecord({"senders": runtime.excluded_last_step})
+            runtime.excluded_last_step = []
     commit(context, runtime, finished_block=finished, finished_index=finished_index)
     return Message(content, reply_to=msg)
 

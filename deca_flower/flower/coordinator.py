@@ -144,6 +144,10 @@ class Coordinator:
                 degree = len(neighbours(weights, pid))
                 progress.bytes_sent[pid] += rk.record_bytes(halves[pid]) * degree
                 metrics[pid] = dict(reply.content[rk.METRICS])
+            if rk.EXCLUDED in reply.content:
+                for reason in reply.content[rk.EXCLUDED]["senders"]:
+                    log.warning("step %d: node %d excluded %s", progress.step, pid, reason)
+                    self.writer.append({"kind": "excluded", "step": progress.step, "node": pid, "reason": reason})
         progress.halves = halves
         if block >= 0:
             progress.step += 1

@@ -24,6 +24,7 @@ NEIGHBOUR_PREFIX = "deca.nbr."    # ArrayRecord per neighbour: "deca.nbr.<partit
 HALF = "deca.half"                # ArrayRecord: the node's half-step block (reply)
 NODE_INFO = "deca.node"           # ConfigRecord: partition id, device, sizes (query reply)
 METRICS = "deca.metrics"          # MetricRecord: losses, timings, accuracy
+EXCLUDED = "deca.excluded"        # ConfigRecord: neighbour blocks a node refused this step, and why
 
 # instruction keys
 STEP = "step"          # global inner-step counter of the run
