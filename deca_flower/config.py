@@ -87,6 +87,8 @@ class DecaConfig:
     """Dec-LoRA scaling alpha."""
     on_bad_block: str = "stop"
     """A neighbour block that fails validation: stop the run, or exclude it for this step and go on."""
+    on_disconnect: str = "stop"
+    """When dropped nodes split the graph: stop, or go on gossiping within each component."""
     max_block_deviation: float = 0.5
     """Refuse a neighbour block farther than this times the norm of the node's own block (0 = off)."""
     bma_beta1: float = 0.9
@@ -214,6 +216,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
     choice("device", DEVICES)
     choice("state_sync", STATE_SYNC)
     choice("on_bad_block", ("stop", "exclude"))
+    choice("on_disconnect", ("stop", "components"))
     for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
                  "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
                  "reply_timeout_s", "shards_per_node"):

@@ -6,7 +6,7 @@ process cache as in a one-actor simulation, so tests can compare it with the ref
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -23,6 +23,9 @@ class InProcessGrid:
         }
         self.sent = 0
         self.drop_replies_from: set[int] = set()
+        self.silent_after: dict[int, int] = {}  # node id -> train messages it answers before going silent
+        self.crash_after: dict[int, int] = {}   # node id -> train messages it answers before crashing
+        self.trains: dict[int, int] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -36,6 +39,13 @@ class InProcessGrid:
                 run_id=self.run_id, message_id=f"m{self.sent}", src_node_id=0, dst_node_id=node_id,
                 reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
                 message_type=msg.metadata.message_type), content=msg.content)
+            if msg.metadata.message_type.startswith("train"):
+                self.trains[node_id] = self.trains.get(node_id, 0) + 1
+                if self.trains[node_id] > self.silent_after.get(node_id, 1 << 30):
+                    continue  # a dead SuperNode: no reply at all
+                if self.trains[node_id] > self.crash_after.get(node_id, 1 << 30):
+                    replies.append(Message(Error(0, "ClientApp raised RuntimeError: simulated crash"), reply_to=delivered))
+                    continue
             reply = self.client_app(delivered, self.contexts[node_id])
             if node_id not in self.drop_replies_from:
                 replies.append(reply)

@@ -95,9 +95,11 @@ def check_graph(graph: nx.Graph) -> None:
         raise TopologyError(f"graph is disconnected (components {parts}): nodes would never agree")
 
 
-def metropolis_hastings(graph: nx.Graph) -> np.ndarray:
-    """Mixing matrix W (n x n, float64) over nodes 0..n-1."""
-    n = graph.number_of_nodes()
+def metropolis_hastings(graph: nx.Graph, size: int | None = None) -> np.ndarray:
+    """Mixing matrix W (size x size, float64) over nodes labelled 0..size-1 (default: the node count).
+
+    Nodes absent from `graph` (e.g. dropped out) get W[k,k] = 1 and no edges."""
+    n = size if size is not None else graph.number_of_nodes()
     weights = np.zeros((n, n))
     for i, j in graph.edges():
         weights[i, j] = weights[j, i] = 1.0 / (1 + max(graph.degree[i], graph.degree[j]))
@@ -119,7 +121,7 @@ def check_mixing_matrix(weights: np.ndarray, atol: float = 1e-12) -> None:
 
 
 def spectral_gap(weights: np.ndarray) -> float:
-    """1 - |lambda_2|, the second largest eigenvalue modulus of W."""
+    """1 - |lambda_2|, the second largest eigenvalue modulus of W (0 when W is disconnected)."""
     moduli = np.sort(np.abs(np.linalg.eigvalsh(weights)))[::-1]
     return float(1.0 - moduli[1])
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -26,6 +27,7 @@ from deca_flower.core.reference import consensus_distance
 from deca_flower.core.schedule import build_schedule
 from deca_flower.core.topology import build_graph, metropolis_hastings, neighbours, spectral_gap
 from deca_flower.flower import records as rk
+from deca_flower.flower.client import BAD_NEIGHBOUR_BLOCK
 from deca_flower.results import RunWriter, mean_std
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,11 @@ class Coordinator:
         self.cfg = cfg
         self.writer = writer
         self.config_record = ConfigRecord(cfg.to_run_config())
-        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id (nodes still taking part)
         self.progress = _Progress(bytes_sent=np.zeros(cfg.num_nodes))
+        self.graph: nx.Graph | None = None  # set by run_deca; needed to re-weight after a dropout
+        self.weights: np.ndarray | None = None
+        self.dropped: dict[int, str] = {}
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -98,12 +103,13 @@ class Coordinator:
 
     def train(self, weights: np.ndarray, num_blocks: int, steps_per_visit: int, evaluate_every: int) -> None:
         cfg, progress = self.cfg, self.progress
+        self.weights = weights
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
         total = len(schedule) * steps_per_visit
         for visit in schedule:
             losses: list[float] = []
             for r in range(steps_per_visit):
-                metrics = self.exchange(weights, block=visit.block, start=(r == 0))
+                metrics = self.exchange(self.weights, block=visit.block, start=(r == 0))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
             distance = consensus_distance([rk.record_to_block(h, "relay") for h in progress.halves.values()])
@@ -116,7 +122,7 @@ class Coordinator:
                      distance, progress.step, total, time.time() - progress.started)
             last = visit.position + 1 == len(schedule)
             if last or (evaluate_every and (visit.position + 1) % evaluate_every == 0):
-                self.exchange(weights, block=-1, start=False)  # finish the mixing before scoring
+                self.exchange(self.weights, block=-1, start=False)  # finish the mixing before scoring
                 self.evaluate(list(self.node_of), visit.round, visit.block)
 
     def exchange(self, weights: np.ndarray, *, block: int, start: bool) -> dict[int, dict[str, float]]:
@@ -137,7 +143,7 @@ class Coordinator:
                 content[rk.WEIGHTS] = ConfigRecord(mixing)
             messages.append(Message(content, dst_node_id=nid, message_type=rk.TRAIN))
         halves, metrics = {}, {}
-        for reply in self._send(messages):
+        for reply in self._send(messages, dropouts_allowed=self.graph is not None):
             pid = self._pid(reply)
             if rk.HALF in reply.content:
                 halves[pid] = reply.content[rk.HALF]
@@ -174,19 +180,50 @@ class Coordinator:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _send(self, messages: list[Message]) -> list[Message]:
+    def _send(self, messages: list[Message], dropouts_allowed: bool = False) -> list[Message]:
+        """Replies of every node; with dropouts_allowed, silent or crashed nodes are dropped instead."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.reply_timeout_s))
-        if len(replies) != len(messages):
-            raise CoordinationError(f"{len(messages) - len(replies)} of {len(messages)} nodes did not reply "
-                                    f"within reply-timeout-s={self.cfg.reply_timeout_s}")
+        answered = {r.metadata.src_node_id for r in replies}
+        problems = {m.metadata.dst_node_id: f"no reply within reply-timeout-s={self.cfg.reply_timeout_s}"
+                    for m in messages if m.metadata.dst_node_id not in answered}
         for reply in replies:
             if reply.has_error():
-                raise CoordinationError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
-        return replies
+                if not dropouts_allowed or reply.error.code == BAD_NEIGHBOUR_BLOCK:  # bad data: never ignored
+                    raise CoordinationError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+                problems[reply.metadata.src_node_id] = f"failed: {reply.error.reason}"
+        if problems and not dropouts_allowed:
+            raise CoordinationError(f"{len(problems)} of {len(messages)} nodes did not reply "
+                                    f"within reply-timeout-s={self.cfg.reply_timeout_s}")
+        if problems:
+            self._drop({self._pid_of_node(nid): why for nid, why in problems.items()})
+        return [r for r in replies if not r.has_error()]
+
+    def _drop(self, reasons: dict[int, str]) -> None:
+        """Remove nodes from the graph and recompute Metropolis-Hastings weights over the rest."""
+        assert self.graph is not None
+        for pid, why in reasons.items():
+            log.warning("dropping node %d at step %d: %s", pid, self.progress.step, why)
+            self.writer.append({"kind": "dropout", "step": self.progress.step, "node": pid, "reason": why})
+            self.node_of.pop(pid, None)
+            self.progress.halves.pop(pid, None)
+            self.dropped[pid] = why
+        alive = sorted(self.node_of)
+        if len(alive) < 2:
+            raise CoordinationError(f"fewer than 2 nodes left after dropouts {self.dropped}")
+        remaining = self.graph.subgraph(alive)
+        if not nx.is_connected(remaining):
+            parts = [sorted(c) for c in nx.connected_components(remaining)]
+            if self.cfg.on_disconnect == "stop":
+                raise CoordinationError(f"after dropping {sorted(self.dropped)} the graph is disconnected "
+                                        f"(components {parts}); on-disconnect='components' would go on per component")
+            log.warning("graph split into components %s: gossip goes on within each", parts)
+        self.weights = metropolis_hastings(remaining, size=self.cfg.num_nodes)
 
     def _pid(self, reply: Message) -> int:
-        src = reply.metadata.src_node_id
-        return next(pid for pid, nid in self.node_of.items() if nid == src)
+        return self._pid_of_node(reply.metadata.src_node_id)
+
+    def _pid_of_node(self, node_id: int) -> int:
+        return next(pid for pid, nid in self.node_of.items() if nid == node_id)
 
 
 def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
@@ -202,6 +239,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     infos = coordinator.query_nodes(coordinator.wait_for_nodes())
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     weights = metropolis_hastings(graph)
+    coordinator.graph = graph
     gap = spectral_gap(weights)
     num_blocks, steps_per_visit = int(infos[0]["num-blocks"]), int(infos[0]["steps-per-visit"])
     log.info("%d nodes ready in %.0fs; %s graph with %d edges, spectral gap %.3f; %d blocks x %d steps x %d rounds",
@@ -221,6 +259,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         "peak_optimizer_bytes_per_node": coordinator.progress.peak_opt_bytes,
         "wall_time_s": time.time() - started,
         "label_counts": {pid: infos[pid]["label-counts"] for pid in sorted(infos)},
+        "dropped_nodes": coordinator.dropped,
     }
     writer.write_summary(summary)
     writer.plot_accuracy(f"DECA ({cfg.bma} BMA) on {cfg.dataset}, {cfg.num_nodes} nodes, {cfg.topology}")
