@@ -23,6 +23,12 @@ out=bench/RESULTS.md
   echo
   python bench/wire_bytes.py
   echo
+  echo "## Scaling"
+  echo
+  python bench/scaling.py 2>/dev/null
+  echo
+  echo "![scaling](scaling.png)"
+  echo
   echo "## Framework overhead: flwr run simulation vs single-process reference"
   echo '```'
   python bench/overhead.py 2>/dev/null | grep -v '^INFO'

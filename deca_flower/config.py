@@ -87,6 +87,12 @@ class DecaConfig:
     """Dec-LoRA scaling alpha."""
     on_bad_block: str = "stop"
     """A neighbour block that fails validation: stop the run, or exclude it for this step and go on."""
+    secure_gossip: bool = False
+    """Encrypt and authenticate blocks per neighbour pair (X25519 + AES-GCM): the relay sees ciphertext."""
+    trusted_keys: str = ""
+    """secure-gossip: JSON {partition id: Ed25519 public key hex} of every site (distributed out of band)."""
+    identity_key_dir: str = ""
+    """secure-gossip demo: folder with node_<id>.pem identities (a SuperNode's node-config 'identity-key' wins)."""
     on_disconnect: str = "stop"
     """When dropped nodes split the graph: stop, or go on gossiping within each component."""
     max_block_deviation: float = 0.5
@@ -238,6 +244,8 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append("model is empty: give the embedded default, a hub id or a local path")
     elif cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().exists():
         out.append(f"model path '{cfg.model}' does not exist")
+    if cfg.secure_gossip and not Path(cfg.trusted_keys).expanduser().is_file():
+        out.append(f"secure-gossip needs trusted-keys (a JSON file of site public keys); got '{cfg.trusted_keys}'")
     if cfg.dataset.endswith((".jsonl", ".json", ".csv")) and not Path(cfg.dataset).expanduser().is_file():
         out.append(f"dataset file '{cfg.dataset}' does not exist")
     if cfg.discrepancy == "scaled" and cfg.lr == 0 and METHOD_BMA.get(cfg.method, cfg.bma) != "none":

@@ -10,6 +10,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ class NodeRuntime:
     steps_per_visit: int
     generation: int = 0  # messages processed; see flower/state.py
     excluded_last_step: list[str] = field(default_factory=list)  # refused neighbour blocks, reported once
+    channel: Any = None  # secure.PairwiseChannel when secure-gossip is on
 
     @property
     def blocks(self) -> list[Block]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from deca_flower.config import DecaConfig
@@ -19,6 +20,7 @@ from deca_flower.core.gossip import BlockError, check_block
 from deca_flower.flower import records as rk
 from deca_flower.flower.state import commit, get_runtime
 from deca_flower.runtime import NodeRuntime
+from deca_flower.secure import PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,37 @@ def runtime_for(msg: Message, context: Context) -> NodeRuntime:
     return get_runtime(context, cfg, partition_id_of(context))
 
 
+def secure_channel(runtime: NodeRuntime, context: Context) -> PairwiseChannel:
+    """The node's pairwise channel; its per-run key is kept in the node's own context.state."""
+    if runtime.channel is None:
+        cfg, pid = runtime.cfg, runtime.partition_id
+        identity = context.node_config.get("identity-key") or Path(cfg.identity_key_dir) / f"node_{pid}.pem"
+        stored = context.state.get(rk.SECURE_STATE)
+        runtime.channel = PairwiseChannel.from_files(context.run_id, pid, Path(str(identity)), Path(cfg.trusted_keys),
+                                                     bytes.fromhex(stored["x25519"]) if stored else None)
+        context.state[rk.SECURE_STATE] = ConfigRecord({"x25519": runtime.channel.ephemeral_bytes.hex()})
+    return runtime.channel
+
+
+def _neighbour_keys(msg: Message, channel: PairwiseChannel) -> list[int]:
+    keys = msg.content[rk.KEYS]
+    pids = sorted(int(k[4:]) for k in keys if k.startswith("pub."))
+    for pid in pids:
+        channel.add_neighbour(pid, keys[f"pub.{pid}"], keys[f"sig.{pid}"])
+    return pids
+
+
+def _decode(msg: Message, runtime: NodeRuntime, key: str, record: ArrayRecord, sender: str,
+            own: dict) -> dict:
+    if not runtime.cfg.secure_gossip:
+        return rk.record_to_block(record, sender)
+    step = int(msg.content[rk.INSTRUCTION][rk.STEP]) - 1  # halves were sealed at the previous step
+    names = list(own)
+    opened = runtime.channel.open(int(key[len(rk.NEIGHBOUR_PREFIX):]), step, runtime.node.active_index,
+                                  record["ct"].data, [own[n] for n in names])
+    return dict(zip(names, opened))
+
+
 def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Mix the neighbours' half-step blocks into the active block, fold BMA, then go on."""
     if msg.metadata.message_type != rk.TRAIN or not msg.content[rk.INSTRUCTION][rk.MIX]:
@@ -50,14 +83,19 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     weights = msg.content[rk.WEIGHTS]
     self_weight, others, senders, excluded = float(weights["self"]), [], [], []
     own = node.block_values()
+    if cfg.secure_gossip:
+        try:
+            _neighbour_keys(msg, secure_channel(runtime, context))
+        except SecurityError as err:
+            return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
     for key, record in msg.content.array_records.items():
         if not key.startswith(rk.NEIGHBOUR_PREFIX):
             continue
         sender = f"node {key[len(rk.NEIGHBOUR_PREFIX):]}"
         try:
-            block = rk.record_to_block(record, sender)
+            block = _decode(msg, runtime, key, record, sender, own)
             check_block(block, own, sender, cfg.max_block_deviation)
-        except (BlockError, rk.RecordError) as err:
+        except (BlockError, rk.RecordError, SecurityError) as err:
             log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
             if cfg.on_bad_block == "stop":
                 return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
@@ -79,6 +117,8 @@ def handle_query(msg: Message, context: Context) -> Message:
     start = time.time()
     runtime = runtime_for(msg, context)
     info = ConfigRecord({
+        **({"x25519": secure_channel(runtime, context).public.hex(),
+            "signature": runtime.channel.signature.hex()} if runtime.cfg.secure_gossip else {}),
         "partition-id": runtime.partition_id, "device": str(runtime.device),
         "train-examples": len(runtime.train), "label-counts": runtime.label_counts,
         "num-blocks": len(runtime.blocks), "block-names": [b.name for b in runtime.blocks],
@@ -104,7 +144,19 @@ def handle_train(msg: Message, context: Context) -> Message:
             node.start_block(block)
         start = time.time()
         loss, half = node.local_step()
-        content[rk.HALF] = rk.block_to_record(half)
+        if runtime.cfg.secure_gossip:  # one sealed copy per neighbour: the relay cannot read any
+            channel = secure_channel(runtime, context)
+            step = int(instruction[rk.STEP])
+            try:
+                receivers = _neighbour_keys(msg, channel)
+            except SecurityError as err:
+                return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
+            for pid in receivers:
+                sealed = channel.seal(pid, step, block, list(half.values()))
+                content[f"{rk.SEALED_PREFIX}{pid}"] = ArrayRecord(
+                    {"ct": Array(dtype="uint8", shape=(len(sealed),), stype="sealed", data=sealed)})
+        else:
+            content[rk.HALF] = rk.block_to_record(half)
         content[rk.METRICS] = MetricRecord({"loss": loss, "step-s": time.time() - start,
                                             "opt-bytes": float(node.peak_optimizer_bytes),
                                             "excluded": float(len(runtime.excluded_last_step))})

@@ -19,7 +19,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from deca_flower.config import DecaConfig
@@ -41,7 +41,7 @@ class CoordinationError(RuntimeError):
 class _Progress:
     step: int = 0
     bytes_sent: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    halves: dict[int, ArrayRecord] = field(default_factory=dict)
+    halves: dict[int, Any] = field(default_factory=dict)  # ArrayRecord, or {receiver key: sealed record}
     peak_opt_bytes: float = 0.0
     started: float = field(default_factory=time.time)
 
@@ -69,6 +69,7 @@ class Coordinator:
         self.graph: nx.Graph | None = None  # set by run_deca; needed to re-weight after a dropout
         self.weights: np.ndarray | None = None
         self.dropped: dict[int, str] = {}
+        self.public_keys: dict[int, tuple[str, str]] = {}  # secure-gossip: signed X25519 key per node
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -97,6 +98,8 @@ class Coordinator:
                                         f"partition ids must be unique and in 0..{self.cfg.num_nodes - 1}")
             infos[pid] = info
             self.node_of[pid] = reply.metadata.src_node_id
+            if "x25519" in info:
+                self.public_keys[pid] = (str(info["x25519"]), str(info["signature"]))
         return infos
 
     # -- training ------------------------------------------------------------------------
@@ -112,7 +115,8 @@ class Coordinator:
                 metrics = self.exchange(self.weights, block=visit.block, start=(r == 0))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
-            distance = consensus_distance([rk.record_to_block(h, "relay") for h in progress.halves.values()])
+            distance = (float("nan") if cfg.secure_gossip  # the relay cannot read sealed blocks
+                        else consensus_distance([rk.record_to_block(h, "relay") for h in progress.halves.values()]))
             self.writer.append({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress.step,
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
                                 "bytes_sent_per_node": float(progress.bytes_sent.mean()),
@@ -133,23 +137,31 @@ class Coordinator:
         messages = []
         for pid, nid in self.node_of.items():
             content = RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: instruction})
+            nbrs = neighbours(weights, pid)
+            if self.cfg.secure_gossip:  # relayed as received; each node checks the signatures itself
+                content[rk.KEYS] = ConfigRecord({f"{kind}.{j}": self.public_keys[j][n]
+                                                 for j in nbrs for n, kind in enumerate(("pub", "sig"))})
             if progress.halves:
-                nbrs = neighbours(weights, pid)
                 mixing = {"self": float(weights[pid, pid])}
                 for j, w in nbrs.items():
                     key = f"{rk.NEIGHBOUR_PREFIX}{j}"
-                    content[key] = progress.halves[j]
+                    sent = progress.halves[j]
+                    content[key] = sent[f"{rk.SEALED_PREFIX}{pid}"] if self.cfg.secure_gossip else sent
                     mixing[key] = w
                 content[rk.WEIGHTS] = ConfigRecord(mixing)
             messages.append(Message(content, dst_node_id=nid, message_type=rk.TRAIN))
         halves, metrics = {}, {}
         for reply in self._send(messages, dropouts_allowed=self.graph is not None):
             pid = self._pid(reply)
+            if rk.METRICS in reply.content:
+                metrics[pid] = dict(reply.content[rk.METRICS])
             if rk.HALF in reply.content:
                 halves[pid] = reply.content[rk.HALF]
-                degree = len(neighbours(weights, pid))
-                progress.bytes_sent[pid] += rk.record_bytes(halves[pid]) * degree
-                metrics[pid] = dict(reply.content[rk.METRICS])
+                progress.bytes_sent[pid] += rk.record_bytes(halves[pid]) * len(neighbours(weights, pid))
+            sealed = {k: r for k, r in reply.content.array_records.items() if k.startswith(rk.SEALED_PREFIX)}
+            if sealed:  # opaque to the relay: one ciphertext per neighbour
+                halves[pid] = sealed
+                progress.bytes_sent[pid] += sum(rk.record_bytes(r) for r in sealed.values())
             if rk.EXCLUDED in reply.content:
                 for reason in reply.content[rk.EXCLUDED]["senders"]:
                     log.warning("step %d: node %d excluded %s", progress.step, pid, reason)

@@ -24,6 +24,9 @@ NEIGHBOUR_PREFIX = "deca.nbr."    # ArrayRecord per neighbour: "deca.nbr.<partit
 HALF = "deca.half"                # ArrayRecord: the node's half-step block (reply)
 NODE_INFO = "deca.node"           # ConfigRecord: partition id, device, sizes (query reply)
 METRICS = "deca.metrics"          # MetricRecord: losses, timings, accuracy
+KEYS = "deca.keys"                # ConfigRecord: neighbours' signed X25519 keys ("pub.<id>", "sig.<id>")
+SEALED_PREFIX = "deca.sealed."    # ArrayRecord per receiver: the half-step block encrypted for it
+SECURE_STATE = "deca.secure"      # context.state: the node's per-run X25519 key (stays on the node)
 EXCLUDED = "deca.excluded"        # ConfigRecord: neighbour blocks a node refused this step, and why
 
 # instruction keys
