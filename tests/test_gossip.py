@@ -36,3 +36,11 @@ def test_bad_neighbour_blocks_are_rejected_with_the_sender_named(received, messa
     with pytest.raises(BlockError, match=message) as info:
         check_block(received, EXPECTED, "node 5")
     assert "node 5" in str(info.value)
+
+
+def test_nodes_that_agree_stay_exactly_agreed_with_thirds():
+    # x/3 + x/3 + x/3 must give x back bit for bit: BMA divides any rounding error by lr
+    torch.manual_seed(1)
+    x = torch.randn(10000)
+    mixed = mix([x], 1 / 3, [(1 / 3, [x.clone()]), (1 / 3, [x.clone()])])[0]
+    assert torch.equal(mixed, x)

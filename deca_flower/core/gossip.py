@@ -39,12 +39,15 @@ def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 
 def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
-    """Weighted sum in fp32 (own tensors' device); weights must sum to 1."""
+    """Weighted sum, accumulated in float64 and returned as fp32; weights must sum to 1.
+
+    float64 matters: BMA divides theta - mixed by lr, so fp32 rounding in the mix (x/3 + x/3 + x/3 != x)
+    would become an lr-sized Adam step on weights the nodes already agree on."""
     total = self_weight + sum(w for w, _ in others)
     if not math.isclose(total, 1.0, abs_tol=1e-9):
         raise ValueError(f"mixing weights sum to {total}, not 1")
-    out = [t.float() * self_weight for t in own]
+    out = [t.double() * self_weight for t in own]
     for weight, tensors in others:
         for acc, t in zip(out, tensors):
-            acc.add_(t.to(device=acc.device, dtype=torch.float32), alpha=weight)
-    return out
+            acc.add_(t.to(device=acc.device, dtype=torch.float64), alpha=weight)
+    return [acc.float() for acc in out]

@@ -62,11 +62,11 @@ def mix_oracle(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str
 def mix_fast(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> None:
     """All nodes at once: for every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul."""
     names = list(halves[0])
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float64)
     mixed_per_node: list[list[torch.Tensor]] = [[] for _ in nodes]
-    for name in names:
-        stacked = torch.stack([h[name].float() for h in halves])          # [n, *shape]
-        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1)    # [n, *shape]
+    for name in names:  # float64 accumulation, as gossip.mix (see why there)
+        stacked = torch.stack([h[name].double() for h in halves])                 # [n, *shape]
+        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1).float()    # [n, *shape]
         for i in range(len(nodes)):
             mixed_per_node[i].append(mixed[i])
     for node, mixed in zip(nodes, mixed_per_node):
