@@ -23,11 +23,20 @@ out=bench/RESULTS.md
   echo
   python bench/wire_bytes.py
   echo
+  echo "## Fast paths: before / after"
+  echo '```'
+  python bench/fast_paths.py 2>/dev/null
+  echo '```'
+  echo
   echo "## Scaling"
   echo
   python bench/scaling.py 2>/dev/null
   echo
   echo "![scaling](scaling.png)"
+  echo
+  echo "## secure-gossip overhead"
+  echo
+  python bench/secure_overhead.py
   echo
   echo "## Framework overhead: flwr run simulation vs single-process reference"
   echo '```'

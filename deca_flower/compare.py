@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +48,22 @@ def load_experiment(path: Path) -> dict[str, Any]:
     return spec
 
 
-def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def command_for(spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> tuple[list[str], str]:
+    """The `flwr run` argv for one run, and the same command as a user would type it."""
     values = {**spec["config"], **{k: v for k, v in run.items() if k != "label"}}
     values.update({"results-dir": str(out_dir / "runs"), "run-name": run["label"]})
     nodes = spec.get("num-supernodes", DecaConfig.from_run_config(values).num_nodes)
-    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config_string(values),
-           "--federation-config", f"num-supernodes={nodes}"]
+    run_config, federation = run_config_string(values), f"num-supernodes={nodes}"
+    argv = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config, "--federation-config", federation]
+    shown = f'flwr run . --stream --run-config "{run_config}" --federation-config "{federation}"'
+    return argv, shown.replace(str(ROOT) + "/", "")
+
+
+def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    cmd, shown = command_for(spec, run, out_dir)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     log_file = out_dir / "runs" / f"{run['label']}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     with log_file.open("w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     summary_file = out_dir / "runs" / run["label"] / "summary.json"
@@ -67,8 +71,7 @@ def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path)
         raise RuntimeError(f"{name}/{run['label']} failed (exit {code}); see {log_file}")
     summary = json.loads(summary_file.read_text())
     shutil.rmtree(out_dir / "runs" / run["label"] / "nodes", ignore_errors=True)  # node checkpoints: GBs, done with
-    summary["command"] = shlex.join(cmd).replace(str(ROOT), ".")
-    summary["total_wall_s"] = time.time() - start
+    summary["command"] = shown
     return summary
 
 
@@ -148,7 +151,7 @@ def compare(path: str, only: list[str] | None = None, plots_only: bool = False) 
         label = run["label"]
         if run not in runs or plots_only:
             if label in old:
-                summaries[label] = old[label]
+                summaries[label] = {**old[label], "command": command_for(spec, run, out_dir)[1]}
             continue
         print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: running", flush=True)
         summaries[label] = run_one(name, spec, run, out_dir)

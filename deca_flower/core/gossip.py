@@ -31,8 +31,9 @@ def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         if not torch.isfinite(got).all():
             raise BlockError(f"block from {sender}: '{name}' contains NaN or Inf")
     if max_deviation > 0:  # neighbours agree to within a few percent; a far-off block is an attack or a bug
-        own = math.sqrt(sum(float(t.double().pow(2).sum()) for t in expected.values()))
-        gap = math.sqrt(sum(float((received[n].double() - t.double()).pow(2).sum()) for n, t in expected.items()))
+        own = math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in expected.values()))
+        gap = math.sqrt(sum(float(torch.linalg.vector_norm(received[n].float() - t.float())) ** 2
+                            for n, t in expected.items()))
         if gap > max_deviation * max(own, 1e-12):
             raise BlockError(f"block from {sender} is {gap / max(own, 1e-12):.3g} x ||own block|| away "
                              f"(limit max-block-deviation={max_deviation})")

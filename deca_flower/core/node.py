@@ -114,11 +114,12 @@ class DecaNode:
         return self._require_active()[0].values()
 
     def apply_mix(self, self_weight: float, others: list[tuple[float, dict[str, torch.Tensor]]],
-                  senders: list[str] | None = None) -> None:
-        """theta = W_ii * own half + sum_j W_ij * half_j, after validating every neighbour block."""
+                  senders: list[str] | None = None, *, validated: bool = False) -> None:
+        """theta = W_ii * own half + sum_j W_ij * half_j, after validating every neighbour block
+        (`validated=True`: the caller already ran check_block on each, as the Flower mod does)."""
         active = self._require_active()[0]
         expected = active.values()
-        for n, (_, block) in enumerate(others):
+        for n, (_, block) in enumerate([] if validated else others):
             check_block(block, expected, senders[n] if senders else f"neighbour {n}")
         names = active.block.param_names
         mixed = mix(active.masters, self_weight, [(w, [b[k] for k in names]) for w, b in others])

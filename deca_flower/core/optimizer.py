@@ -53,8 +53,9 @@ class BlockAdam:
         self.bma = bma
         self.bma_betas = bma_betas
         self.discrepancy = discrepancy
-        # foreach: one fused multi-tensor kernel over the block's tensors
-        self.adam = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps, foreach=True)
+        # foreach=None: torch's multi-tensor kernel on CUDA; on CPU the per-tensor loop measured ~2x faster
+        # (bench/fast_paths.py)
+        self.adam = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps, foreach=None)
         self._theta_before: list[torch.Tensor] = []
         self._moments_before: list[tuple[torch.Tensor, torch.Tensor]] = []
 

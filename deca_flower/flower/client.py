@@ -105,7 +105,7 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         others.append((float(weights[key]), block))
         senders.append(sender)
     try:
-        node.apply_mix(self_weight, others, senders)
+        node.apply_mix(self_weight, others, senders, validated=True)
     except (BlockError, ValueError) as err:
         return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id}: {err}"), reply_to=msg)
     runtime.excluded_last_step = excluded
