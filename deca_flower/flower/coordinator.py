@@ -107,6 +107,7 @@ class Coordinator:
     def train(self, weights: np.ndarray, num_blocks: int, steps_per_visit: int, evaluate_every: int) -> None:
         cfg, progress = self.cfg, self.progress
         self.weights = weights
+        progress.started = time.time()  # elapsed_s in metrics counts training, not node setup
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
         total = len(schedule) * steps_per_visit
         for visit in schedule:
