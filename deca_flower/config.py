@@ -131,6 +131,10 @@ class DecaConfig:
     """How long the coordinator waits for num-nodes SuperNodes to connect."""
     reply_timeout_s: float = 3600.0
     """How long the coordinator waits for the replies to one message round."""
+    rejoin_probe_s: float = 30.0
+    """At each block boundary, how long to wait for a dropped node that may be back (0 = no rejoin)."""
+    resume: bool = False
+    """Continue the run named run-name from its last block-boundary checkpoint."""
 
     def __post_init__(self) -> None:
         errors = list(_problems(self))
@@ -228,7 +232,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
                  "reply_timeout_s", "shards_per_node"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
-    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation"):
+    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)
@@ -250,4 +254,8 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append(f"dataset file '{cfg.dataset}' does not exist")
     if cfg.discrepancy == "scaled" and cfg.lr == 0 and METHOD_BMA.get(cfg.method, cfg.bma) != "none":
         out.append("discrepancy='scaled' divides by lr: lr=0 needs bma='none'")
+    if cfg.resume and not cfg.run_name:
+        out.append("resume=true needs run-name: the name of the run folder to continue")
+    if cfg.resume and cfg.method == "fedavg":
+        out.append("resume=true is for the gossip methods; method='fedavg' runs Flower's FedAvg strategy")
     return out

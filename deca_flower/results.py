@@ -20,12 +20,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path) -> None:
+    """keep_lines: continue a resumed run's metrics.jsonl after its first keep_lines records
+    (those written by the time of the checkpoint); otherwise start it empty."""
+
+    def __init__(self, run_dir: Path, keep_lines: int | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = run_dir / "metrics.jsonl"
-        self.metrics_file.write_text("")
-        self.evaluations: list[dict[str, Any]] = []
+        kept = self.metrics_file.read_text().splitlines()[:keep_lines] if keep_lines else []
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        self.lines = len(kept)
+        self.evaluations: list[dict[str, Any]] = [e for e in map(json.loads, kept) if e.get("kind") == "eval"]
 
     def write_config(self, config: dict[str, Any]) -> None:
         OmegaConf.save(OmegaConf.create(config), self.run_dir / "config.yaml")
@@ -33,6 +38,7 @@ class RunWriter:
     def append(self, record: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as out:
             out.write(json.dumps(record) + "\n")
+        self.lines += 1
         if record.get("kind") == "eval":
             self.evaluations.append(record)
 

@@ -11,6 +11,10 @@ from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
 
+class KilledRun(BaseException):
+    """The ServerApp process died (kill -9): nothing after this point runs."""
+
+
 class InProcessGrid:
     def __init__(self, client_app, num_nodes: int, run_id: int = 7, node_configs: dict | None = None) -> None:
         self.client_app = client_app
@@ -23,9 +27,13 @@ class InProcessGrid:
         }
         self.sent = 0
         self.drop_replies_from: set[int] = set()
-        self.silent_after: dict[int, int] = {}  # node id -> train messages it answers before going silent
+        self.silent_after: dict[int, int] = {}  # node id -> train messages it answers before going down
+        self.back_at: dict[int, int] = {}       # node id -> total train messages after which it is up again
         self.crash_after: dict[int, int] = {}   # node id -> train messages it answers before crashing
+        self.kill_after: int | None = None      # total train messages after which the whole run is killed
         self.trains: dict[int, int] = {}
+        self.total_trains = 0
+        self.down: set[int] = set()
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -39,10 +47,19 @@ class InProcessGrid:
                 run_id=self.run_id, message_id=f"m{self.sent}", src_node_id=0, dst_node_id=node_id,
                 reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
                 message_type=msg.metadata.message_type), content=msg.content)
+            if node_id in self.down and self.total_trains >= self.back_at.get(node_id, 1 << 30):
+                self.down.discard(node_id)
+                self.silent_after.pop(node_id)
+            if node_id in self.down:
+                continue  # a dead SuperNode: no reply at all
             if msg.metadata.message_type.startswith("train"):
+                if self.total_trains == self.kill_after:
+                    raise KilledRun(f"run killed after {self.total_trains} train messages")
+                self.total_trains += 1
                 self.trains[node_id] = self.trains.get(node_id, 0) + 1
                 if self.trains[node_id] > self.silent_after.get(node_id, 1 << 30):
-                    continue  # a dead SuperNode: no reply at all
+                    self.down.add(node_id)
+                    continue
                 if self.trains[node_id] > self.crash_after.get(node_id, 1 << 30):
                     replies.append(Message(Error(0, "ClientApp raised RuntimeError: simulated crash"), reply_to=delivered))
                     continue

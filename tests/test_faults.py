@@ -1,8 +1,10 @@
 """Fault injection: nodes that go silent or crash are dropped, W is recomputed over the rest."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from apps.client_app import app as client_app
 from deca_flower.core.topology import check_mixing_matrix
@@ -61,3 +63,80 @@ def test_weights_after_dropout_are_doubly_stochastic_over_survivors(tiny_cfg, tm
     w = coordinator.weights
     check_mixing_matrix(w)
     assert w[1, 1] == 1.0 and w[1].sum() == 1.0 and w[0, 2] == pytest.approx(1 / 3)
+
+
+# -- resume and rejoin -------------------------------------------------------------------------
+
+def newest_blocks(state_dir):
+    """{(node, block): tensors} from the newest saved version of every block of every node."""
+    from safetensors.torch import load_file
+
+    newest = {}
+    for file in sorted(state_dir.glob("node_*/block_*.v*.safetensors")):
+        newest[(file.parent.name, file.name.split(".")[0])] = load_file(file)
+    return newest
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records if r["kind"] in ("eval", "visit")]
+
+
+@pytest.mark.parametrize("kill_after", [22, 16], ids=["mid-visit", "during-the-finish-of-a-visit"])
+def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
+    from deca_flower.flower.coordinator import run_deca
+    from tests.inprocess import KilledRun
+
+    cfg = tiny_cfg.replace(rounds=2, eval_every_blocks=2)
+    whole, whole_records = run_with_faults(cfg.replace(run_name="whole", state_dir=str(tmp_path / "whole")))
+
+    state._WARM.clear()
+    cfg = cfg.replace(run_name="killed", state_dir=str(tmp_path / "killed"))
+    killed_cfg, run_dir = prepare_run(cfg)
+    grid = InProcessGrid(client_app, cfg.num_nodes)
+    grid.kill_after = kill_after  # 3 nodes x (2 steps + 1 finish) = 9 train messages per visit
+    with pytest.raises(KilledRun):
+        run_deca(grid, killed_cfg, run_dir)
+    state._WARM.clear()  # the node processes died with it
+    resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
+    resumed = run_deca(InProcessGrid(client_app, cfg.num_nodes, run_id=8), resumed_cfg, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert resumed["final"] == whole["final"] and resumed["inner_steps"] == whole["inner_steps"]
+    assert comparable(records) == comparable(whole_records)  # losses, consensus distances, evaluations
+    whole_blocks, resumed_blocks = newest_blocks(tmp_path / "whole"), newest_blocks(tmp_path / "killed")
+    assert whole_blocks.keys() == resumed_blocks.keys() and len(whole_blocks) > 3
+    for key, tensors in whole_blocks.items():
+        for name, value in tensors.items():
+            assert torch.equal(value, resumed_blocks[key][name]), (key, name)
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
+    from deca_flower.flower.coordinator import CoordinationError, run_deca
+
+    with pytest.raises(CoordinationError, match="no run in"):
+        cfg, run_dir = prepare_run(tiny_cfg.replace(run_name="never-ran", resume=True))
+        run_deca(InProcessGrid(client_app, 3), cfg, run_dir)
+    run_with_faults(tiny_cfg)
+    with pytest.raises(CoordinationError, match=r"differs from the run's saved config: \{'lr'"):
+        cfg, run_dir = prepare_run(tiny_cfg.replace(resume=True, lr=0.5))
+        run_deca(InProcessGrid(client_app, 3), cfg, run_dir)
+
+
+def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
+    from deca_flower.flower.coordinator import run_deca
+
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete", rounds=1))
+    grid = InProcessGrid(client_app, 4)
+    grid.silent_after, grid.back_at = {102: 1}, {102: 14}  # down in visit 0, up again during visit 1
+    summary = run_deca(grid, cfg, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
+    assert rejoin["node"] == 2 and rejoin["blocks"] == [summary["num_blocks"] - 2, summary["num_blocks"] - 1]
+    assert summary["dropped_nodes"] == {} and summary["rejoined_nodes"][0]["after_visit"] == 1
+    assert len(summary["final"]["accuracy_per_node"]) == 4  # it took part to the end
+    # the top block was only trained before the rejoin: node 2 holds exactly its donor's copy
+    top = summary["num_blocks"] - 1
+    saved = newest_blocks(Path(cfg.state_dir))
+    mine, theirs = saved[("node_002", f"block_{top:03d}")], saved[(f"node_{rejoin['from']:03d}", f"block_{top:03d}")]
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)

@@ -11,9 +11,10 @@ from tests.test_bad_input import started_coordinator
 def run_steps(cfg, tmp_path, drop_warm_after: set[int]):
     coordinator, grid = started_coordinator(cfg, tmp_path)
     weights = np.full((3, 3), 1 / 3)
-    plan = [(1, True), (1, False), (1, False), (2, True), (2, False), (-1, False), (0, True), (-1, False)]
-    for i, (block, start) in enumerate(plan):
-        coordinator.exchange(weights, block=block, start=start)
+    plan = [(1, True, 0), (1, False, 0), (1, False, 0), (-1, False, 0), (2, True, 1), (2, False, 1), (-1, False, 1),
+            (0, True, 2), (-1, False, 2)]
+    for i, (block, start, visit) in enumerate(plan):
+        coordinator.exchange(weights, block=block, start=start, visit=visit)
         if i in drop_warm_after:
             state._WARM.clear()  # as if the next message landed in a fresh process
     return [state._WARM[(grid.run_id, coordinator.node_of[p])].node.model for p in range(3)]
@@ -22,7 +23,7 @@ def run_steps(cfg, tmp_path, drop_warm_after: set[int]):
 def test_step_sync_restores_mid_block_state_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(num_nodes=3, topology="complete", state_sync="step", bma="trivial")
     warm = run_steps(cfg.replace(state_dir=str(tmp_path / "a")), tmp_path, set())
-    cold = run_steps(cfg.replace(state_dir=str(tmp_path / "b")), tmp_path, {0, 1, 3, 4})
+    cold = run_steps(cfg.replace(state_dir=str(tmp_path / "b")), tmp_path, {0, 1, 3, 4, 5})
     for a, b in zip(warm, cold):
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(pa, pb), name
@@ -33,4 +34,4 @@ def test_block_sync_refuses_a_mid_block_restart_clearly(tiny_cfg, tmp_path):
     with pytest.raises(Exception, match="state-sync='step'"):
         run_steps(cfg, tmp_path, {1})
     # after a mix-only message (evaluation points, the end) nothing is pending: a restart is fine
-    run_steps(cfg.replace(state_dir=str(tmp_path / "c")), tmp_path, {5})
+    run_steps(cfg.replace(state_dir=str(tmp_path / "c")), tmp_path, {3, 6})

@@ -113,6 +113,17 @@ class DecaNode:
     def block_values(self) -> dict[str, torch.Tensor]:
         return self._require_active()[0].values()
 
+    def stored_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Current values of a block that is not being trained (views into the model)."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() for name in self.blocks[index].param_names}
+
+    def overwrite_block(self, index: int, values: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name in self.blocks[index].param_names:
+                params[name].copy_(values[name])
+
     def apply_mix(self, self_weight: float, others: list[tuple[float, dict[str, torch.Tensor]]],
                   senders: list[str] | None = None, *, validated: bool = False) -> None:
         """theta = W_ii * own half + sum_j W_ij * half_j, after validating every neighbour block

@@ -18,14 +18,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from deca_flower.config import DecaConfig
 from deca_flower.core.gossip import BlockError, check_block
 from deca_flower.flower import records as rk
-from deca_flower.flower.state import commit, get_runtime
+from deca_flower.flower.state import commit, forget_checkpoints, get_runtime, restore_checkpoint, save_blocks
 from deca_flower.runtime import NodeRuntime
 from deca_flower.secure import PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
 BAD_NEIGHBOUR_BLOCK = 4001
-NO_PARTITION = 4002
+UNFINISHED_BLOCK = 4003
 
 
 class NodeSetupError(ValueError):
@@ -113,10 +113,28 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 
 def handle_query(msg: Message, context: Context) -> Message:
-    """Load model and data now (so the first train step is not slowed) and say who we are."""
+    """Load model and data now (so the first train step is not slowed) and say who we are.
+
+    The instruction may also ask to resume from a checkpoint, to send some blocks (for a
+    neighbour that rejoins), or carry those blocks to a node that rejoins."""
     start = time.time()
     runtime = runtime_for(msg, context)
-    info = ConfigRecord({
+    ask = msg.content[rk.INSTRUCTION] if rk.INSTRUCTION in msg.content else ConfigRecord()
+    content = RecordDict()
+    if ask.get(rk.FRESH):
+        forget_checkpoints(runtime)
+    if rk.RESUME_VISIT in ask:
+        restore_checkpoint(runtime, int(ask[rk.RESUME_VISIT]))
+        commit(context, runtime)
+    if rk.SEND_BLOCKS in ask:
+        content[rk.BLOCKS] = rk.block_to_record(
+            {name: t for b in ask[rk.SEND_BLOCKS] for name, t in runtime.node.stored_block(int(b)).items()})
+    if rk.BLOCKS in msg.content:
+        try:
+            _take_blocks(runtime, context, msg.content[rk.BLOCKS], int(ask[rk.VISIT]))
+        except (BlockError, rk.RecordError) as err:
+            return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id} cannot rejoin: {err}"), reply_to=msg)
+    content[rk.NODE_INFO] = ConfigRecord({
         **({"x25519": secure_channel(runtime, context).public.hex(),
             "signature": runtime.channel.signature.hex()} if runtime.cfg.secure_gossip else {}),
         "partition-id": runtime.partition_id, "device": str(runtime.device),
@@ -125,7 +143,24 @@ def handle_query(msg: Message, context: Context) -> Message:
         "steps-per-visit": runtime.steps_per_visit,
         "setup-s": time.time() - start,
     })
-    return Message(RecordDict({rk.NODE_INFO: info}), reply_to=msg)
+    return Message(content, reply_to=msg)
+
+
+def _take_blocks(runtime: NodeRuntime, context: Context, record: ArrayRecord, visit: int) -> None:
+    """Rejoin: drop the unfinished visit and adopt a neighbour's current blocks (checked first)."""
+    node = runtime.node
+    received = rk.record_to_block(record, "the neighbour of a rejoining node")
+    adopted = {}
+    for block in node.blocks:
+        if any(name in received for name in block.param_names):
+            values = {name: received[name] for name in block.param_names if name in received}
+            check_block(values, node.stored_block(block.index), f"the neighbour's block {block.index}")
+            adopted[block.index] = values
+    node.end_block()
+    for index, values in adopted.items():
+        node.overwrite_block(index, values)
+    save_blocks(runtime, adopted, visit)
+    commit(context, runtime)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -135,12 +170,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     instruction = msg.content[rk.INSTRUCTION]
     block, start_visit = int(instruction[rk.BLOCK]), bool(instruction[rk.START])
     finished, finished_index = None, None
-    if node.active_index is not None and (start_visit or block < 0):
+    if block < 0 and node.active_index is not None:  # end of a visit: keep the block, checkpoint
         finished, finished_index = node.block_values(), node.active_index
         node.end_block()
     content = RecordDict()
     if block >= 0:
         if start_visit:
+            if node.active_index is not None:
+                return Message(Error(UNFINISHED_BLOCK, f"node {runtime.partition_id}: block {node.active_index} "
+                                     "was not finished before the next visit"), reply_to=msg)
             node.start_block(block)
         start = time.time()
         loss, half = node.local_step()
@@ -163,7 +201,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         if runtime.excluded_last_step:
             content[rk.EXCLUDED] = ConfigRecord({"senders": runtime.excluded_last_step})
             runtime.excluded_last_step = []
-    commit(context, runtime, finished_block=finished, finished_index=finished_index)
+    commit(context, runtime, finished_block=finished, finished_index=finished_index,
+           visit=int(instruction[rk.VISIT]) if rk.VISIT in instruction else None)
     return Message(content, reply_to=msg)
 
 

@@ -11,6 +11,7 @@ distance of what it relays (a metric; nothing it computes is sent back).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import networkx as nx
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from omegaconf import OmegaConf
 
 from deca_flower.config import DecaConfig
 from deca_flower.core.reference import consensus_distance
@@ -31,6 +33,9 @@ from deca_flower.flower.client import BAD_NEIGHBOUR_BLOCK
 from deca_flower.results import RunWriter, mean_std
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.json"
+RESUMABLE_CHANGES = {"resume", "node-wait-s", "reply-timeout-s", "rejoin-probe-s"}  # may differ on resume
 
 
 class CoordinationError(RuntimeError):
@@ -69,6 +74,7 @@ class Coordinator:
         self.graph: nx.Graph | None = None  # set by run_deca; needed to re-weight after a dropout
         self.weights: np.ndarray | None = None
         self.dropped: dict[int, str] = {}
+        self.rejoined: list[dict[str, int]] = []
         self.public_keys: dict[int, tuple[str, str]] = {}  # secure-gossip: signed X25519 key per node
 
     # -- setup ---------------------------------------------------------------------------
@@ -85,9 +91,11 @@ class Coordinator:
                     f"{self.cfg.node_wait_s:.0f}s (simulation: --federation-config 'num-supernodes={self.cfg.num_nodes}')")
             time.sleep(1.0)
 
-    def query_nodes(self, node_ids: list[int]) -> dict[int, dict[str, Any]]:
-        """Map Flower node ids to partition ids; nodes load model and data while answering."""
-        messages = [Message(RecordDict({rk.CONFIG: self.config_record}), dst_node_id=nid,
+    def query_nodes(self, node_ids: list[int], *, fresh: bool = True) -> dict[int, dict[str, Any]]:
+        """Map Flower node ids to partition ids; nodes load model and data while answering
+        (fresh: and delete checkpoints an earlier attempt of this run left behind)."""
+        ask = ConfigRecord({rk.FRESH: fresh})
+        messages = [Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}), dst_node_id=nid,
                             message_type=rk.QUERY) for nid in node_ids]
         infos: dict[int, dict[str, Any]] = {}
         for reply in self._send(messages):
@@ -104,16 +112,16 @@ class Coordinator:
 
     # -- training ------------------------------------------------------------------------
 
-    def train(self, weights: np.ndarray, num_blocks: int, steps_per_visit: int, evaluate_every: int) -> None:
+    def train(self, weights: np.ndarray, num_blocks: int, steps_per_visit: int, evaluate_every: int,
+              visits_done: int = 0) -> None:
         cfg, progress = self.cfg, self.progress
         self.weights = weights
-        progress.started = time.time()  # elapsed_s in metrics counts training, not node setup
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
         total = len(schedule) * steps_per_visit
-        for visit in schedule:
+        for visit in schedule[visits_done:]:
             losses: list[float] = []
             for r in range(steps_per_visit):
-                metrics = self.exchange(self.weights, block=visit.block, start=(r == 0))
+                metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), visit=visit.position)
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
             distance = (float("nan") if cfg.secure_gossip  # the relay cannot read sealed blocks
@@ -125,16 +133,22 @@ class Coordinator:
             log.info("round %d/%d block %d (%d/%d visits): loss %.4f, consensus distance %.3g, step %d/%d, %.0fs",
                      visit.round + 1, cfg.rounds, visit.block, visit.position + 1, len(schedule), np.mean(losses),
                      distance, progress.step, total, time.time() - progress.started)
+            # the last mix of the visit, so nodes finish the block and checkpoint it (same math as
+            # mixing at the start of the next visit)
+            self.exchange(self.weights, block=-1, start=False, visit=visit.position)
             last = visit.position + 1 == len(schedule)
             if last or (evaluate_every and (visit.position + 1) % evaluate_every == 0):
-                self.exchange(self.weights, block=-1, start=False)  # finish the mixing before scoring
                 self.evaluate(list(self.node_of), visit.round, visit.block)
+            if not last:
+                self.rejoin(visit.position, sorted({v.block for v in schedule[: visit.position + 1]}))
+            self.checkpoint(visit.position)
 
-    def exchange(self, weights: np.ndarray, *, block: int, start: bool) -> dict[int, dict[str, float]]:
-        """One inner step: relay each node its neighbours' previous halves; collect new halves."""
+    def exchange(self, weights: np.ndarray, *, block: int, start: bool, visit: int = 0) -> dict[int, dict[str, float]]:
+        """One inner step: relay each node its neighbours' previous halves; collect new halves.
+        block=-1 only mixes the last halves and finishes the visit."""
         progress = self.progress
         instruction = ConfigRecord({rk.STEP: progress.step, rk.MIX: bool(progress.halves),
-                                    rk.BLOCK: block, rk.START: start})
+                                    rk.BLOCK: block, rk.START: start, rk.VISIT: visit})
         messages = []
         for pid, nid in self.node_of.items():
             content = RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: instruction})
@@ -171,6 +185,78 @@ class Coordinator:
         if block >= 0:
             progress.step += 1
         return metrics
+
+    # -- block boundaries: checkpoint and rejoin -------------------------------------------
+
+    def checkpoint(self, visit: int) -> None:
+        """Every node has finished and saved `visit`: record where the run stands (atomic)."""
+        progress = self.progress
+        state = {"visit": visit, "step": progress.step, "bytes_sent": progress.bytes_sent.tolist(),
+                 "peak_opt_bytes": progress.peak_opt_bytes, "elapsed_s": time.time() - progress.started,
+                 "metrics_lines": self.writer.lines, "dropped": self.dropped,
+                 "rejoined": self.rejoined}
+        tmp = self.writer.run_dir / "checkpoint.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.writer.run_dir / CHECKPOINT)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: nodes that were taking part go back to their own
+        checkpoint of that visit; nodes dropped by then stay out until they rejoin."""
+        progress = self.progress
+        progress.step, progress.peak_opt_bytes = int(state["step"]), float(state["peak_opt_bytes"])
+        progress.bytes_sent = np.array(state["bytes_sent"], dtype=float)
+        progress.started = time.time() - float(state["elapsed_s"])
+        self.dropped = {int(k): v for k, v in state["dropped"].items()}
+        self.rejoined = list(state["rejoined"])
+        for pid in self.dropped:
+            self.node_of.pop(pid, None)
+        ask = ConfigRecord({rk.RESUME_VISIT: int(state["visit"])})
+        self._send([Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}), dst_node_id=nid,
+                            message_type=rk.QUERY) for nid in self.node_of.values()])
+        if self.dropped:
+            self._reweight()
+
+    def rejoin(self, visit: int, visited_blocks: list[int]) -> None:
+        """A dropped node that answers again gets a live neighbour's copy of every block trained so
+        far (one model transfer), then takes part from the next visit on."""
+        if not self.dropped or self.cfg.rejoin_probe_s == 0 or self.cfg.secure_gossip:
+            return  # (secure-gossip: the copy would pass the relay in clear, so no rejoin)
+        in_use = set(self.node_of.values())
+        probes = [Message(RecordDict({rk.CONFIG: self.config_record}), dst_node_id=nid, message_type=rk.QUERY)
+                  for nid in self.grid.get_node_ids() if nid not in in_use]
+        back = {}
+        for reply in self.grid.send_and_receive(probes, timeout=self.cfg.rejoin_probe_s):
+            pid = -1 if reply.has_error() else int(reply.content[rk.NODE_INFO]["partition-id"])
+            if pid in self.dropped:
+                back[pid] = reply.metadata.src_node_id
+        for pid, nid in back.items():
+            alive = [j for j in self.graph.neighbors(pid) if j in self.node_of] or sorted(self.node_of)
+            donor = alive[0]
+            asked = Message(RecordDict({rk.CONFIG: self.config_record,
+                                        rk.INSTRUCTION: ConfigRecord({rk.SEND_BLOCKS: visited_blocks})}),
+                            dst_node_id=self.node_of[donor], message_type=rk.QUERY)
+            answered = self._send([asked], dropouts_allowed=True)
+            if not answered:
+                continue
+            blocks = answered[0].content[rk.BLOCKS]
+            handover = Message(RecordDict({rk.CONFIG: self.config_record, rk.BLOCKS: blocks,
+                                           rk.INSTRUCTION: ConfigRecord({rk.VISIT: visit})}),
+                               dst_node_id=nid, message_type=rk.QUERY)
+            replies = list(self.grid.send_and_receive([handover], timeout=self.cfg.reply_timeout_s))
+            if not replies or replies[0].has_error():
+                log.warning("node %d answered but could not rejoin: %s", pid,
+                            replies[0].error.reason if replies else "no reply")
+                continue
+            self.progress.bytes_sent[donor] += rk.record_bytes(blocks)
+            self.node_of[pid] = nid
+            del self.dropped[pid]
+            self.rejoined.append({"node": pid, "after_visit": visit, "from": donor, "step": self.progress.step})
+            self.writer.append({"kind": "rejoin", "step": self.progress.step, "node": pid, "from": donor,
+                                "blocks": visited_blocks, "bytes": rk.record_bytes(blocks)})
+            log.warning("node %d rejoined after visit %d with node %d's copy of blocks %s", pid, visit, donor,
+                        visited_blocks)
+        if back:
+            self._reweight()
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -220,6 +306,11 @@ class Coordinator:
             self.node_of.pop(pid, None)
             self.progress.halves.pop(pid, None)
             self.dropped[pid] = why
+        self._reweight()
+
+    def _reweight(self) -> None:
+        """Metropolis-Hastings weights over the nodes taking part (others keep W[i, i] = 1)."""
+        assert self.graph is not None
         alive = sorted(self.node_of)
         if len(alive) < 2:
             raise CoordinationError(f"fewer than 2 nodes left after dropouts {self.dropped}")
@@ -244,23 +335,33 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     from deca_flower.results import plot_label_distribution
     from deca_flower.runtime import partitioner_for
 
-    writer = RunWriter(run_dir)
+    checkpoint = _checkpoint_to_resume(cfg, run_dir) if cfg.resume else None
+    writer = RunWriter(run_dir, keep_lines=checkpoint["metrics_lines"] if checkpoint else None)
     writer.write_config(cfg.to_run_config())
     coordinator = Coordinator(grid, cfg, writer)
     started = time.time()
     log.info("waiting for %d nodes", cfg.num_nodes)
-    infos = coordinator.query_nodes(coordinator.wait_for_nodes())
+    infos = coordinator.query_nodes(coordinator.wait_for_nodes(), fresh=checkpoint is None)
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     weights = metropolis_hastings(graph)
     coordinator.graph = graph
     gap = spectral_gap(weights)
+    if checkpoint:
+        coordinator.resume(checkpoint)
+        weights = coordinator.weights if coordinator.dropped else weights
+        log.info("resuming %s after visit %d (step %d)", run_dir, checkpoint["visit"], checkpoint["step"])
     num_blocks, steps_per_visit = int(infos[0]["num-blocks"]), int(infos[0]["steps-per-visit"])
     log.info("%d nodes ready in %.0fs; %s graph with %d edges, spectral gap %.3f; %d blocks x %d steps x %d rounds",
              cfg.num_nodes, time.time() - started, cfg.topology, graph.number_of_edges(), gap, num_blocks,
              steps_per_visit, cfg.rounds)
     plot_label_distribution(partitioner_for(cfg), run_dir, f"{cfg.partitioner} split over {cfg.num_nodes} nodes")
-    initial = coordinator.evaluate([0], 0, -1) if cfg.eval_initial else None
-    coordinator.train(weights, num_blocks, steps_per_visit, cfg.eval_every_blocks)
+    if checkpoint:
+        initial = next((e for e in writer.evaluations if e["block"] == -1), None)
+    else:
+        initial = coordinator.evaluate([0], 0, -1) if cfg.eval_initial else None
+        coordinator.progress.started = time.time()  # elapsed_s in metrics counts training, not node setup
+    coordinator.train(weights, num_blocks, steps_per_visit, cfg.eval_every_blocks,
+                      visits_done=checkpoint["visit"] + 1 if checkpoint else 0)
     final = writer.evaluations[-1]
     summary = {
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_nodes": cfg.num_nodes,
@@ -273,6 +374,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": time.time() - started,
         "label_counts": {pid: infos[pid]["label-counts"] for pid in sorted(infos)},
         "dropped_nodes": coordinator.dropped,
+        "rejoined_nodes": coordinator.rejoined,
     }
     writer.write_summary(summary)
     writer.plot_accuracy(f"DECA ({cfg.bma} BMA) on {cfg.dataset}, {cfg.num_nodes} nodes, {cfg.topology}")
@@ -280,3 +382,22 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
              final["accuracy_mean"], final["accuracy_std"], summary["initial"]["accuracy"] if initial else float("nan"),
              run_dir)
     return summary
+
+
+def _checkpoint_to_resume(cfg: DecaConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The coordinator checkpoint of the run to continue (None: it had not finished a visit)."""
+    file = run_dir / CHECKPOINT
+    if not (run_dir / "config.yaml").is_file():
+        others = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{CHECKPOINT}"))
+        raise CoordinationError(f"resume=true but there is no run in {run_dir} (run folders with a checkpoint "
+                                f"under {run_dir.parent}: {others or 'none'})")
+    if not file.is_file():
+        log.warning("resume=true: %s finished no block visit before it stopped; starting it again", run_dir)
+        return None
+    state = json.loads(file.read_text())
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    changed = {k: (saved.get(k), v) for k, v in cfg.to_run_config().items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if changed:
+        raise CoordinationError(f"resume=true with a config that differs from the run's saved config: {changed}")
+    return state

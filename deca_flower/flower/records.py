@@ -28,12 +28,17 @@ KEYS = "deca.keys"                # ConfigRecord: neighbours' signed X25519 keys
 SEALED_PREFIX = "deca.sealed."    # ArrayRecord per receiver: the half-step block encrypted for it
 SECURE_STATE = "deca.secure"      # context.state: the node's per-run X25519 key (stays on the node)
 EXCLUDED = "deca.excluded"        # ConfigRecord: neighbour blocks a node refused this step, and why
+BLOCKS = "deca.blocks"            # ArrayRecord: whole blocks for a node that rejoins (from a neighbour)
 
 # instruction keys
 STEP = "step"          # global inner-step counter of the run
 MIX = "mix"            # mix the previous step's halves first
 BLOCK = "block"        # block to run a local step on (-1: none, only finish the current one)
 START = "start"        # first step of a block visit: fresh Adam moments
+VISIT = "visit"        # position of the block visit in the schedule (names checkpoint versions)
+FRESH = "fresh-start"          # query: a new run; delete checkpoints of an earlier attempt
+RESUME_VISIT = "resume-visit"  # query: continue from this node's checkpoint of that visit
+SEND_BLOCKS = "send-blocks"    # query: reply with the current values of these blocks
 
 STYPE = "raw"
 _WIRE = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.float16),

@@ -5,16 +5,23 @@ also land on another actor. So:
 - warm tier: a process-level cache {(run id, node id): runtime}; each processed message bumps
   a generation counter stored both in the runtime and in the node's Flower `context.state`,
   so a stale or foreign copy is never used;
-- disk tier: `<state dir>/node_<partition>/`: every finished block as safetensors, plus
-  `position.json` (generation, active block, minibatch RNG) and, with state-sync="step",
-  `active.safetensors` (active block, Adam moments, pending theta copy) after every message.
-  A process without a warm copy rebuilds the runtime and overlays these files.
+- disk tier: `<state dir>/node_<partition>/`: every finished block visit as
+  `block_<b>.v<visit>.safetensors` and a checkpoint `checkpoint.v<visit>.json` (minibatch RNG
+  state); `position.json` (generation, active block, minibatch RNG) and, with
+  state-sync="step", `active.safetensors` (active block, Adam moments, pending theta copy)
+  after every message. A process without a warm copy rebuilds the runtime and overlays these.
+
+Checkpoints are block-boundary snapshots for `resume=true`. The coordinator records a visit as
+done only after every node finished it, so a node can be one visit ahead of the coordinator's
+checkpoint: the two newest versions of each file are kept, and resuming at visit c loads, per
+block, the newest version <= c and deletes the versions after c.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +34,8 @@ from deca_flower.runtime import NodeRuntime, build_runtime
 log = logging.getLogger(__name__)
 
 STATE_RECORD = "deca.state"
+_VERSIONED = re.compile(r"(block_(\d+)|checkpoint)\.v(\d+)\.(safetensors|json)$")
+KEEP_VERSIONS = 2
 _WARM: dict[tuple[int, int], NodeRuntime] = {}
 
 
@@ -59,15 +68,15 @@ def get_runtime(context: Context, cfg: DecaConfig, partition_id: int) -> NodeRun
 
 
 def commit(context: Context, runtime: NodeRuntime, *, finished_block: dict[str, torch.Tensor] | None = None,
-           finished_index: int | None = None) -> None:
-    """Record that a message was processed: bump the generation and persist what changed."""
+           finished_index: int | None = None, visit: int | None = None) -> None:
+    """Record that a message was processed: bump the generation and persist what changed
+    (a finished block visit also writes the block-boundary checkpoint of `visit`)."""
     runtime.generation += 1
     context.state[STATE_RECORD] = ConfigRecord({"generation": runtime.generation})
     folder = node_dir(runtime.cfg, runtime.partition_id)
     folder.mkdir(parents=True, exist_ok=True)
-    if finished_block is not None:
-        save_file({k: v.contiguous().cpu() for k, v in finished_block.items()},
-                  folder / f"block_{finished_index:03d}.safetensors")
+    if finished_block is not None and visit is not None:
+        save_blocks(runtime, {finished_index: finished_block}, visit)
     node = runtime.node
     mid_block = node.optimizer is not None
     if runtime.cfg.state_sync == "step" and mid_block:
@@ -82,6 +91,65 @@ def commit(context: Context, runtime: NodeRuntime, *, finished_block: dict[str, 
     tmp.replace(folder / "position.json")
 
 
+def save_blocks(runtime: NodeRuntime, blocks: dict[int, dict[str, torch.Tensor]], visit: int) -> None:
+    """Write finished blocks as versions of `visit`, then the checkpoint that makes them count."""
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, values in blocks.items():
+        save_file({k: v.contiguous().cpu() for k, v in values.items()}, folder / f"block_{index:03d}.v{visit:05d}.safetensors")
+    # the node's only randomness is its minibatch generator (no dropout), so that is the RNG state
+    checkpoint = {"visit": visit, "sampler": runtime.node.sampler.state()}
+    tmp = folder / "checkpoint.tmp"
+    tmp.write_text(json.dumps(checkpoint))
+    tmp.replace(folder / f"checkpoint.v{visit:05d}.json")
+    for versions in _versions(folder).values():
+        for _, old in versions[:-KEEP_VERSIONS]:
+            old.unlink()
+
+
+def _versions(folder: Path) -> dict[str, list[tuple[int, Path]]]:
+    """{"block_003" or "checkpoint": [(visit, file), ...] oldest first}."""
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for file in folder.glob("*.v*.*"):
+        match = _VERSIONED.match(file.name)
+        if match:
+            found.setdefault(match.group(1), []).append((int(match.group(3)), file))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _load_blocks(runtime: NodeRuntime, upto: int | None) -> None:
+    """Overlay, per block, the newest saved version (<= upto when given)."""
+    params = dict(runtime.node.model.named_parameters())
+    for name, versions in _versions(node_dir(runtime.cfg, runtime.partition_id)).items():
+        usable = [file for visit, file in versions if upto is None or visit <= upto]
+        if name.startswith("block_") and usable:
+            with torch.no_grad():
+                for param, value in load_file(usable[-1]).items():
+                    params[param].copy_(value)
+
+
+def restore_checkpoint(runtime: NodeRuntime, visit: int) -> None:
+    """Put a freshly built node back at the end of block visit `visit` (resume=true)."""
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    file = folder / f"checkpoint.v{visit:05d}.json"
+    if not file.is_file():
+        raise StateLost(f"node {runtime.partition_id}: no checkpoint of visit {visit} under {folder} "
+                        f"(found visits {[v for v, _ in _versions(folder).get('checkpoint', [])]})")
+    checkpoint = json.loads(file.read_text())
+    _load_blocks(runtime, upto=visit)
+    runtime.node.sampler.load_state(checkpoint["sampler"])
+    forget_checkpoints(runtime, after=visit)  # the abandoned future of the killed run
+    log.info("node %d resumed from %s at the end of visit %d", runtime.partition_id, folder, visit)
+
+
+def forget_checkpoints(runtime: NodeRuntime, after: int = -1) -> None:
+    """Delete saved block versions and checkpoints of visits after `after` (all by default)."""
+    for versions in _versions(node_dir(runtime.cfg, runtime.partition_id)).values():
+        for visit, path in versions:
+            if visit > after:
+                path.unlink()
+
+
 def _restore(runtime: NodeRuntime, generation: int) -> None:
     folder = node_dir(runtime.cfg, runtime.partition_id)
     position_file = folder / "position.json"
@@ -91,12 +159,8 @@ def _restore(runtime: NodeRuntime, generation: int) -> None:
             f"node {runtime.partition_id}: state at generation {generation} is not in this process and "
             f"not on disk under {folder} (on disk: {position.get('generation')}). Several simulation "
             "actors or a restarted process need state-sync='step'.")
-    model = runtime.node.model
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for file in sorted(folder.glob("block_*.safetensors")):
-            for name, value in load_file(file).items():
-                params[name].copy_(value)
+    _load_blocks(runtime, upto=None)
+    params = dict(runtime.node.model.named_parameters())
     runtime.node.sampler.load_state(position["sampler"])
     if position["active"] is not None:
         saved = load_file(folder / "active.safetensors")
