@@ -85,37 +85,45 @@ def visits_of(out_dir: Path, label: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r["kind"] == "visit"]
 
 
+def headline_of(summaries: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    return tuple(next(iter(summaries.values())).get("headline", ("accuracy", "macro_f1")))  # type: ignore[return-value]
+
+
 def write_report(name: str, spec: dict[str, Any], summaries: dict[str, dict[str, Any]], out_dir: Path) -> None:
     mib = 2**20
-    rows = ["| run | method | topology (spectral gap) | accuracy | macro-F1 | bytes sent / node | peak opt+grad / node | "
+    first, second = headline = headline_of(summaries)
+    rows = [f"| run | method | topology (spectral gap) | {first} | {second} | bytes sent / node | peak opt+grad / node | "
             "wall s | inner steps |", "|---|---|---|---|---|---|---|---|---|"]
     for label, s in summaries.items():
         f = s["final"]
         gap = f" ({s['spectral_gap']:.3f})" if "spectral_gap" in s else ""
-        rows.append(f"| {label} | {s['method']} | {s['topology']}{gap} | {f['accuracy_mean']:.3f} +- {f['accuracy_std']:.3f} "
-                    f"| {f['macro_f1_mean']:.3f} +- {f['macro_f1_std']:.3f} | {s['bytes_sent_per_node'] / mib:,.0f} MiB "
+        scores = " | ".join(f"{f[k + '_mean']:.3f} +- {f[k + '_std']:.3f}" for k in headline)
+        rows.append(f"| {label} | {s['method']} | {s['topology']}{gap} | {scores} | {s['bytes_sent_per_node'] / mib:,.0f} MiB "
                     f"| {s.get('peak_optimizer_bytes_per_node', 0) / mib:,.0f} MiB | {s['wall_time_s']:.0f} "
                     f"| {s['inner_steps']} |")
     initial = next((s["initial"] for s in summaries.values() if s.get("initial")), None)
     text = [f"# {name}", "", f"Regenerate: `deca-flower compare {spec['_path']}`", ""]
     if initial:
-        text += [f"Untrained model: accuracy {initial['accuracy']:.3f}, macro-F1 {initial['macro_f1']:.3f}.", ""]
-    text += rows + ["", "Accuracy and macro-F1: mean +- std over nodes on the held-out split, after the last step.",
+        text += [f"Untrained model: {first} {initial[first]:.3f}, {second} {initial[second]:.3f}.", ""]
+    text += rows + ["", f"{first} and {second}: mean +- std over nodes on the held-out split, after the last step.",
                     "", "## Commands", ""]
     text += [f"- {label}: `{s['command']}`" for label, s in summaries.items()]
-    text += ["", "![accuracy vs step](accuracy_vs_step.png) ![accuracy vs bytes](accuracy_vs_bytes.png) "
+    samples = [label for label in summaries if (out_dir / "runs" / label / "samples.md").is_file()]
+    if samples:
+        text += ["", "Generated samples: " + ", ".join(f"[{label}](runs/{label}/samples.md)" for label in samples)]
+    text += ["", f"![{first} vs step]({first}_vs_step.png) ![{first} vs bytes]({first}_vs_bytes.png) "
              "![consensus](consensus_vs_step.png)", ""]
     (out_dir / "README.md").write_text("\n".join(text))
     (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))
-    for x_key, x_label, file in (("step", "inner step", "accuracy_vs_step.png"),
-                                 ("bytes_sent_per_node", "MiB sent per node", "accuracy_vs_bytes.png")):
+    for x_key, x_label, file in (("step", "inner step", f"{first}_vs_step.png"),
+                                 ("bytes_sent_per_node", "MiB sent per node", f"{first}_vs_bytes.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for label in summaries:
             evals = evals_of(out_dir, label)
             xs = [e[x_key] / (mib if x_key != "step" else 1) for e in evals]
-            ax.plot(xs, [e["accuracy_mean"] for e in evals], marker="o", label=label)
+            ax.plot(xs, [e[f"{first}_mean"] for e in evals], marker="o", label=label)
         ax.set_xlabel(x_label)
-        ax.set_ylabel("mean held-out accuracy")
+        ax.set_ylabel(f"mean held-out {first}")
         if x_key != "step":
             ax.set_xscale("symlog")
         ax.grid(alpha=0.3)
@@ -156,8 +164,9 @@ def compare(path: str, only: list[str] | None = None, plots_only: bool = False) 
         print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: running", flush=True)
         summaries[label] = run_one(name, spec, run, out_dir)
         s = summaries[label]
-        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: accuracy {s['final']['accuracy_mean']:.3f} "
-              f"+- {s['final']['accuracy_std']:.3f} in {s['wall_time_s']:.0f}s", flush=True)
+        key = headline_of({label: s})[0]
+        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: {key} {s['final'][key + '_mean']:.3f} "
+              f"+- {s['final'][key + '_std']:.3f} in {s['wall_time_s']:.0f}s", flush=True)
         write_report(name, spec, {k: summaries[k] for k in summaries}, out_dir)  # partial results survive
     write_report(name, spec, summaries, out_dir)
     print(f"wrote {out_dir / 'README.md'}")

@@ -27,6 +27,8 @@ BLOCK_ORDERS = ("ascending", "descending", "random")
 EMBEDDING_MODES = ("block", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
 STATE_SYNC = ("block", "step")
+TASKS = ("classify", "instruct")
+HEADLINE = {"classify": ("accuracy", "macro_f1"), "instruct": ("response_loss", "perplexity")}  # per task
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -45,8 +47,11 @@ class DecaConfig:
     """deca (bma as set), deca-nobma, deca-trivial, fedavg (Flower's FedAvg), dadam (whole-model gossip Adam), declora."""
     model: str = "smollm2-135m-instruct"
     """Embedded default, a Hugging Face hub id, a local model dir, or "tiny-random"."""
+    task: str = "classify"
+    """classify (text -> label, accuracy) or instruct (instruction -> response, perplexity + samples)."""
     dataset: str = "bbc-news"
-    """Embedded "bbc-news", a local .jsonl/.csv file with text+label, or a hub id."""
+    """classify: embedded "bbc-news", a local .jsonl/.csv with text+label, or a hub id. instruct: embedded
+    "chatterbot-english", a local .jsonl/.csv with instruction+response, or a hub id such as tatsu-lab/alpaca."""
     num_nodes: int = 4
     """Number of clients (SuperNodes) taking part."""
     topology: str = "erdos_renyi"
@@ -107,6 +112,10 @@ class DecaConfig:
     """Training examples per local step."""
     max_text_tokens: int = 64
     """Text is truncated to this many tokens inside the prompt."""
+    max_response_tokens: int = 48
+    """instruct: responses are truncated to this many tokens (plus end-of-sequence)."""
+    samples: int = 3
+    """instruct: held-out prompts each node answers (greedy) at the final evaluation."""
     eval_samples: int = 120
     """Held-out examples scored per evaluation (0 = the whole test split)."""
     eval_batch_size: int = 16
@@ -171,6 +180,11 @@ class DecaConfig:
         return cls(**merged)  # type: ignore[arg-type]
 
     @property
+    def headline(self) -> tuple[str, str]:
+        """The two held-out metrics that results report for this task."""
+        return HEADLINE[self.task]
+
+    @property
     def effective_bma(self) -> str:
         """The moment approximation the method actually uses."""
         return METHOD_BMA.get(self.method, self.bma)
@@ -225,14 +239,15 @@ def _problems(cfg: DecaConfig) -> list[str]:
     choice("embeddings", EMBEDDING_MODES)
     choice("device", DEVICES)
     choice("state_sync", STATE_SYNC)
+    choice("task", TASKS)
     choice("on_bad_block", ("stop", "exclude"))
     choice("on_disconnect", ("stop", "components"))
     for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
                  "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
-                 "reply_timeout_s", "shards_per_node"):
+                 "reply_timeout_s", "shards_per_node", "max_response_tokens"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
-    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s"):
+    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "samples"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)
@@ -254,6 +269,9 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append(f"dataset file '{cfg.dataset}' does not exist")
     if cfg.discrepancy == "scaled" and cfg.lr == 0 and METHOD_BMA.get(cfg.method, cfg.bma) != "none":
         out.append("discrepancy='scaled' divides by lr: lr=0 needs bma='none'")
+    if cfg.task == "instruct" and cfg.dataset == "bbc-news":
+        out.append("task='instruct' needs instruction data: dataset='chatterbot-english' (embedded), a hub id such as "
+                   "'tatsu-lab/alpaca', or a .jsonl/.csv with instruction and response columns")
     if cfg.resume and not cfg.run_name:
         out.append("resume=true needs run-name: the name of the run folder to continue")
     if cfg.resume and cfg.method == "fedavg":

@@ -34,8 +34,8 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
                                                  v.block, losses[-1]))
     train_s = time.time() - start
     per_node = [r.evaluate() for r in runtimes]
-    acc = mean_std([m["accuracy"] for m in per_node])
-    f1 = mean_std([m["macro_f1"] for m in per_node])
-    return {"accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
-            "per_node": per_node, "train_s": train_s, "inner_steps": len(schedule) * steps,
+    scores = {}
+    for key in cfg.headline:
+        scores[f"{key}_mean"], scores[f"{key}_std"] = mean_std([m[key] for m in per_node])
+    return {**scores, "per_node": per_node, "train_s": train_s, "inner_steps": len(schedule) * steps,
             "loss_per_step": losses}

@@ -45,21 +45,31 @@ class RunWriter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    def plot_accuracy(self, title: str) -> Path:
+    def write_samples(self, per_node: dict[int, list[tuple[str, str]]]) -> Path:
+        """Generated answers to held-out prompts, per node, as markdown."""
+        lines = ["# Generated samples (greedy, held-out prompts)", ""]
+        for node, pairs in per_node.items():
+            lines += [f"## node {node}", ""]
+            for prompt, answer in pairs:
+                lines += ["```", f"{prompt} {answer}", "```", ""]
+        path = self.run_dir / "samples.md"
+        path.write_text("\n".join(lines))
+        return path
+
+    def plot_headline(self, keys: tuple[str, str], title: str) -> Path:
+        """The task's two held-out metrics (mean +- std over nodes) against the inner step."""
         evals = [e for e in self.evaluations if e["nodes"] > 1 or e["step"] == 0]
         steps = [e["step"] for e in evals]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key in zip(axes, keys):
             means = [e[f"{key}_mean"] for e in evals]
             stds = [e[f"{key}_std"] for e in evals]
-            ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=f"{label} (mean +- std over nodes)")
-        ax.set_xlabel("inner step (local Adam step + gossip)")
-        ax.set_ylabel("held-out score")
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.run_dir / "accuracy.png"
+            ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3)
+            ax.set_xlabel("inner step (local Adam step + gossip)")
+            ax.set_ylabel(f"held-out {key} (mean +- std over nodes)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        path = self.run_dir / f"{keys[0]}.png"  # accuracy.png, response_loss.png
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -19,11 +19,15 @@ from datasets import Dataset
 from deca_flower.config import DecaConfig
 from deca_flower.core.blocks import Block
 from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
+from deca_flower.data.instructions import load_instructions
 from deca_flower.data.partition import build_partitioner, node_partition, train_test
 from deca_flower.data.sources import load_corpus
+from deca_flower.instruct import EncodedPairs, InstructionTask
 from deca_flower.methods import add_lora, method_blocks
 from deca_flower.models import load_model
 from deca_flower.task import ClassificationTask, Encoded
+
+Task = ClassificationTask | InstructionTask
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=4)
-def split_data(dataset: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    return train_test(load_corpus(dataset), test_fraction, seed)
+def split_data(dataset: str, task: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    return train_test(load_instructions(dataset) if task == "instruct" else load_corpus(dataset), test_fraction, seed)
 
 
 def partitioner_for(cfg: DecaConfig):
-    train, _ = split_data(cfg.dataset, cfg.test_fraction, cfg.seed)
+    train, _ = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
     return build_partitioner(train, cfg.partitioner, cfg.num_nodes, alpha=cfg.alpha,
                              shards_per_node=cfg.shards_per_node, seed=cfg.seed)
 
@@ -62,9 +66,9 @@ class NodeRuntime:
     cfg: DecaConfig
     partition_id: int
     device: torch.device
-    task: ClassificationTask
-    train: Encoded
-    test: Encoded
+    task: Task
+    train: Encoded | EncodedPairs
+    test: Encoded | EncodedPairs
     node: DecaNode
     label_counts: list[int]
     steps_per_visit: int
@@ -79,18 +83,25 @@ class NodeRuntime:
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.node.model, self.test, self.cfg.eval_batch_size, self.device)
 
+    def samples(self) -> list[tuple[str, str]]:
+        """(prompt, greedy answer) for the first cfg.samples held-out prompts (instruct only)."""
+        if not isinstance(self.task, InstructionTask) or not self.cfg.samples:
+            return []
+        answers = self.task.samples(self.node.model, self.test, self.cfg.samples, self.device)
+        return [(self.task.prompt_text(self.test, i), a) for i, a in enumerate(answers)]
+
 
 def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | None = None) -> NodeRuntime:
     start = time.time()
     device = device or resolve_device(cfg.device)
-    train_split, test_split = split_data(cfg.dataset, cfg.test_fraction, cfg.seed)
+    train_split, test_split = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
     part = node_partition(partitioner_for(cfg), partition_id)
     label_names = train_split.features["label"].names
     model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
-    task = ClassificationTask(tokenizer, label_names, cfg.max_text_tokens)
-    train = task.encode(list(part["text"]), list(part["label"]))
-    test_part = eval_subset(test_split, cfg.eval_samples, cfg.seed)
-    test = task.encode(list(test_part["text"]), list(test_part["label"]))
+    task: Task = (InstructionTask(tokenizer, cfg.max_text_tokens, cfg.max_response_tokens) if cfg.task == "instruct"
+                  else ClassificationTask(tokenizer, label_names, cfg.max_text_tokens))
+    train = task.encode_dataset(part)
+    test = task.encode_dataset(eval_subset(test_split, cfg.eval_samples, cfg.seed))
     if cfg.method == "declora":
         model = add_lora(model, cfg).to(device)
     blocks, steps_per_visit = method_blocks(model, cfg)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from sklearn.metrics import f1_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +34,17 @@ class Encoded:
         return len(self.prompts)
 
 
+def pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
 class ClassificationTask:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, label_names: list[str], max_text_tokens: int) -> None:
         self.tokenizer = tokenizer
@@ -46,6 +58,9 @@ class ClassificationTask:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_dataset(self, data: Dataset) -> Encoded:
+        return self.encode(list(data["text"]), list(data["label"]))
 
     def encode(self, texts: list[str], labels: list[int]) -> Encoded:
         batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_text_tokens)
@@ -64,19 +79,10 @@ class ClassificationTask:
                 rows.append(row)
                 cols.append(len(prompt) - 1 + j)
                 targets.append(token)
-        input_ids, attention = self._pad(seqs, device)
+        input_ids, attention = pad(seqs, self.pad_id, device)
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         return {"input_ids": input_ids, "attention_mask": attention,
                 "rows": as_long(rows), "cols": as_long(cols), "targets": as_long(targets)}
-
-    def _pad(self, seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return ids.to(device), mask.to(device)
 
     @staticmethod
     def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,7 +102,7 @@ class ClassificationTask:
         for start in range(0, len(data), batch_size):
             idx = list(range(start, min(start + batch_size, len(data))))
             if single:  # one forward: the next-token distribution after the prompt
-                ids, mask = self._pad([data.prompts[i] for i in idx], device)
+                ids, mask = pad([data.prompts[i] for i in idx], self.pad_id, device)
                 hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
                 last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
                 logp = model.get_output_embeddings()(last).float().log_softmax(-1)

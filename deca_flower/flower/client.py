@@ -211,4 +211,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     start = time.time()
     metrics = runtime.evaluate()
     metrics["eval-s"] = time.time() - start
-    return Message(RecordDict({rk.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({rk.METRICS: MetricRecord(metrics)})
+    ask = msg.content[rk.INSTRUCTION] if rk.INSTRUCTION in msg.content else ConfigRecord()
+    samples = runtime.samples() if ask.get(rk.SAMPLES) else []
+    if samples:
+        content[rk.SAMPLES] = ConfigRecord({"prompts": [p for p, _ in samples], "answers": [a for _, a in samples]})
+    return Message(content, reply_to=msg)

@@ -138,7 +138,7 @@ class Coordinator:
             self.exchange(self.weights, block=-1, start=False, visit=visit.position)
             last = visit.position + 1 == len(schedule)
             if last or (evaluate_every and (visit.position + 1) % evaluate_every == 0):
-                self.evaluate(list(self.node_of), visit.round, visit.block)
+                self.evaluate(list(self.node_of), visit.round, visit.block, final=last)
             if not last:
                 self.rejoin(visit.position, sorted({v.block for v in schedule[: visit.position + 1]}))
             self.checkpoint(visit.position)
@@ -260,21 +260,26 @@ class Coordinator:
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def evaluate(self, partitions: list[int], round_: int, block: int) -> dict[str, Any]:
-        messages = [Message(RecordDict({rk.CONFIG: self.config_record}), dst_node_id=self.node_of[pid],
-                            message_type=rk.EVALUATE) for pid in partitions]
-        per_node = {self._pid(r): dict(r.content[rk.METRICS]) for r in self._send(messages)}
+    def evaluate(self, partitions: list[int], round_: int, block: int, *, final: bool = False) -> dict[str, Any]:
+        """Held-out metrics of each node (the final one also asks for generated samples)."""
+        ask = ConfigRecord({rk.SAMPLES: final})
+        messages = [Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}),
+                            dst_node_id=self.node_of[pid], message_type=rk.EVALUATE) for pid in partitions]
+        replies = self._send(messages)
+        per_node = {self._pid(r): dict(r.content[rk.METRICS]) for r in replies}
+        samples = {self._pid(r): r.content[rk.SAMPLES] for r in replies if rk.SAMPLES in r.content}
+        if samples:
+            self.writer.write_samples({pid: list(zip(s["prompts"], s["answers"])) for pid, s in sorted(samples.items())})
         record: dict[str, Any] = {"kind": "eval", "round": round_, "block": block, "step": self.progress.step,
                                   "nodes": len(per_node), "bytes_sent_per_node": float(self.progress.bytes_sent.mean()),
                                   "elapsed_s": time.time() - self.progress.started}
-        for key in ("accuracy", "macro_f1"):
+        for key in self.cfg.headline:
             values = [per_node[p][key] for p in sorted(per_node)]
             record[f"{key}_mean"], record[f"{key}_std"] = mean_std(values)
             record[f"{key}_per_node"] = values
         self.writer.append(record)
-        log.info("eval at step %d over %d node(s): accuracy %.3f +- %.3f, macro-F1 %.3f +- %.3f",
-                 record["step"], record["nodes"], record["accuracy_mean"], record["accuracy_std"],
-                 record["macro_f1_mean"], record["macro_f1_std"])
+        log.info("eval at step %d over %d node(s): %s", record["step"], record["nodes"],
+                 ", ".join(f"{k} {record[k + '_mean']:.3f} +- {record[k + '_std']:.3f}" for k in self.cfg.headline))
         return record
 
     # -- plumbing ------------------------------------------------------------------------
@@ -367,8 +372,9 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_nodes": cfg.num_nodes,
         "topology": cfg.topology, "edges": sorted(map(list, graph.edges())), "spectral_gap": gap,
         "num_blocks": num_blocks, "inner_steps": coordinator.progress.step,
-        "final": {k: final[k] for k in final if k.startswith(("accuracy", "macro_f1"))},
-        "initial": None if initial is None else {"accuracy": initial["accuracy_mean"], "macro_f1": initial["macro_f1_mean"]},
+        "task": cfg.task, "headline": list(cfg.headline),
+        "final": {k: final[k] for k in final if k.startswith(cfg.headline)},
+        "initial": None if initial is None else {k: initial[f"{k}_mean"] for k in cfg.headline},
         "bytes_sent_per_node": float(coordinator.progress.bytes_sent.mean()),
         "peak_optimizer_bytes_per_node": coordinator.progress.peak_opt_bytes,
         "wall_time_s": time.time() - started,
@@ -377,10 +383,11 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         "rejoined_nodes": coordinator.rejoined,
     }
     writer.write_summary(summary)
-    writer.plot_accuracy(f"DECA ({cfg.bma} BMA) on {cfg.dataset}, {cfg.num_nodes} nodes, {cfg.topology}")
-    log.info("done in %.0fs: accuracy %.3f +- %.3f (untrained %.3f); results in %s", summary["wall_time_s"],
-             final["accuracy_mean"], final["accuracy_std"], summary["initial"]["accuracy"] if initial else float("nan"),
-             run_dir)
+    writer.plot_headline(cfg.headline, f"DECA ({cfg.effective_bma} BMA) on {cfg.dataset}, {cfg.num_nodes} nodes, "
+                         f"{cfg.topology}")
+    key = cfg.headline[0]
+    log.info("done in %.0fs: %s %.3f +- %.3f (untrained %.3f); results in %s", summary["wall_time_s"], key,
+             final[f"{key}_mean"], final[f"{key}_std"], summary["initial"][key] if initial else float("nan"), run_dir)
     return summary
 
 

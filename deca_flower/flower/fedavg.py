@@ -74,7 +74,7 @@ def run_fedavg(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     for rnd, metrics in sorted(result.evaluate_metrics_clientapp.items()):
         record = {"kind": "eval", "round": rnd, "block": -1, "step": rnd * cfg.steps_per_block, "nodes": cfg.num_nodes,
                   "bytes_sent_per_node": float(rnd * 2 * model_bytes), "elapsed_s": time.time() - started}
-        for key in ("accuracy", "macro_f1"):  # one global model: every node has the same score
+        for key in cfg.headline:  # one global model: every node has the same score
             record[f"{key}_mean"], record[f"{key}_std"] = float(metrics[key]), 0.0
             record[f"{key}_per_node"] = [float(metrics[key])] * cfg.num_nodes
         writer.append(record)
@@ -84,16 +84,16 @@ def run_fedavg(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     summary = {
         "method": "fedavg", "model": cfg.model, "dataset": cfg.dataset, "num_nodes": cfg.num_nodes,
         "topology": "star (server averages)", "num_blocks": 1, "inner_steps": num_rounds * cfg.steps_per_block,
-        "final": {k: final[k] for k in final if k.startswith(("accuracy", "macro_f1"))},
-        "initial": None if initial_eval is None else {"accuracy": initial_eval["accuracy_mean"],
-                                                      "macro_f1": initial_eval["macro_f1_mean"]},
+        "task": cfg.task, "headline": list(cfg.headline),
+        "final": {k: final[k] for k in final if k.startswith(cfg.headline)},
+        "initial": None if initial_eval is None else {k: initial_eval[f"{k}_mean"] for k in cfg.headline},
         "bytes_sent_per_node": float(num_rounds * 2 * model_bytes), "peak_optimizer_bytes_per_node": peak,
         "train_loss_per_round": losses, "wall_time_s": time.time() - started,
         "label_counts": {pid: infos[pid]["label-counts"] for pid in sorted(infos)},
     }
     writer.write_summary(summary)
-    writer.plot_accuracy(f"FedAvg on {cfg.dataset}, {cfg.num_nodes} nodes")
-    log.info("FedAvg done in %.0fs: accuracy %.3f", summary["wall_time_s"], final["accuracy_mean"])
+    writer.plot_headline(cfg.headline, f"FedAvg on {cfg.dataset}, {cfg.num_nodes} nodes")
+    log.info("FedAvg done in %.0fs: %s %.3f", summary["wall_time_s"], cfg.headline[0], final[f"{cfg.headline[0]}_mean"])
     return summary
 
 

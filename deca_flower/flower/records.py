@@ -28,6 +28,7 @@ KEYS = "deca.keys"                # ConfigRecord: neighbours' signed X25519 keys
 SEALED_PREFIX = "deca.sealed."    # ArrayRecord per receiver: the half-step block encrypted for it
 SECURE_STATE = "deca.secure"      # context.state: the node's per-run X25519 key (stays on the node)
 EXCLUDED = "deca.excluded"        # ConfigRecord: neighbour blocks a node refused this step, and why
+SAMPLES = "deca.samples"          # evaluate: generate answers (instruction), and the answers (reply)
 BLOCKS = "deca.blocks"            # ArrayRecord: whole blocks for a node that rejoins (from a neighbour)
 
 # instruction keys

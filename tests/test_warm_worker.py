@@ -1,0 +1,64 @@
+"""The warm per-node worker (deployment): same numbers as running the ClientApp in-process, and a
+worker that dies is replaced by one that restores the node from disk."""
+
+import os
+import signal
+
+import pytest
+
+from apps.client_app import app as client_app
+from deca_flower.flower import state
+from deca_flower.flower.coordinator import run_deca
+from deca_flower.paths import prepare_run
+from tests.inprocess import InProcessGrid
+
+
+def worker_configs(tmp_path, num_nodes):
+    return {pid: {"partition-id": pid, "num-partitions": num_nodes, "warm-worker": True,
+                  "worker-socket": str(tmp_path / f"w{pid}.sock"), "warm-worker-idle-s": 120.0}
+            for pid in range(num_nodes)}
+
+
+def stop_workers(tmp_path):
+    for pid_file in tmp_path.glob("w*.pid"):
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+class KillingGrid(InProcessGrid):
+    """Kills one node's worker process (SIGKILL) after a given number of train messages."""
+
+    def __init__(self, *args, kill_worker_of: int, kill_at: int, sockets, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_worker_of, self.kill_at, self.sockets = kill_worker_of, kill_at, sockets
+
+    def send_and_receive(self, messages, *, timeout=None):
+        if self.total_trains >= self.kill_at and self.kill_at >= 0:
+            pid = int((self.sockets / f"w{self.kill_worker_of}.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # the test process started it (via the ClientApp), so it reaps it
+            self.kill_at = -1
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def run(cfg, grid):
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(cfg)
+    return run_deca(grid, cfg, run_dir)
+
+
+@pytest.mark.deployment
+def test_warm_workers_give_the_in_process_numbers_and_survive_a_kill(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_nodes=3, rounds=1, state_sync="step", eval_every_blocks=1)
+    local = run(cfg.replace(run_name="local", state_dir=str(tmp_path / "local")), InProcessGrid(client_app, 3))
+    try:
+        through_workers = run(cfg.replace(run_name="workers", state_dir=str(tmp_path / "workers")),
+                              InProcessGrid(client_app, 3, run_id=8, node_configs=worker_configs(tmp_path, 3)))
+        assert not state._WARM  # nothing ran in this process: the workers held the nodes
+        assert through_workers["final"] == local["final"]
+        killed = KillingGrid(client_app, 3, run_id=9, node_configs=worker_configs(tmp_path, 3),
+                             kill_worker_of=1, kill_at=4, sockets=tmp_path)  # mid-visit: restored from disk
+        after_kill = run(cfg.replace(run_name="killed", state_dir=str(tmp_path / "killed")), killed)
+        assert killed.kill_at == -1 and after_kill["final"] == local["final"]
+        assert "restored from" in (tmp_path / "w1.log").read_text()
+    finally:
+        stop_workers(tmp_path)
