@@ -52,6 +52,9 @@ class DecaConfig:
     dataset: str = "bbc-news"
     """classify: embedded "bbc-news", a local .jsonl/.csv with text+label, or a hub id. instruct: embedded
     "chatterbot-english", a local .jsonl/.csv with instruction+response, or a hub id such as tatsu-lab/alpaca."""
+    labels: str = ""
+    """classify: comma-separated class names in a fixed order ("" = the sorted labels found in the data).
+    Set it when sites train on their own files (node-config data-path), so that all agree."""
     num_nodes: int = 4
     """Number of clients (SuperNodes) taking part."""
     topology: str = "erdos_renyi"

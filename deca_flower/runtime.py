@@ -51,6 +51,18 @@ def partitioner_for(cfg: DecaConfig):
                              shards_per_node=cfg.shards_per_node, seed=cfg.seed)
 
 
+def node_data(cfg: DecaConfig, partition_id: int, data_path: str | None = None) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, held-out, label names) of one node: its share of the demo split, or, with a
+    data-path from its node-config, its own file (split into train and held-out locally)."""
+    if data_path:
+        labels = [x.strip() for x in cfg.labels.split(",") if x.strip()] or None
+        corpus = load_instructions(data_path) if cfg.task == "instruct" else load_corpus(data_path, labels)
+        train, test = train_test(corpus, cfg.test_fraction, cfg.seed)
+        return train, test, train.features["label"].names
+    train, test = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
+    return node_partition(partitioner_for(cfg), partition_id), test, train.features["label"].names
+
+
 def eval_subset(test: Dataset, samples: int, seed: int) -> Dataset:
     """The same held-out examples for every node: a seeded sample of the test split."""
     if samples == 0 or samples >= len(test):
@@ -72,6 +84,8 @@ class NodeRuntime:
     node: DecaNode
     label_counts: list[int]
     steps_per_visit: int
+    label_names: list[str]
+    data_path: str  # "" = its share of the demo split
     generation: int = 0  # messages processed; see flower/state.py
     excluded_last_step: list[str] = field(default_factory=list)  # refused neighbour blocks, reported once
     channel: Any = None  # secure.PairwiseChannel when secure-gossip is on
@@ -91,12 +105,11 @@ class NodeRuntime:
         return [(self.task.prompt_text(self.test, i), a) for i, a in enumerate(answers)]
 
 
-def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | None = None) -> NodeRuntime:
+def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | None = None,
+                  data_path: str | None = None) -> NodeRuntime:
     start = time.time()
     device = device or resolve_device(cfg.device)
-    train_split, test_split = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
-    part = node_partition(partitioner_for(cfg), partition_id)
-    label_names = train_split.features["label"].names
+    part, test_split, label_names = node_data(cfg, partition_id, data_path)
     model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
     task: Task = (InstructionTask(tokenizer, cfg.max_text_tokens, cfg.max_response_tokens) if cfg.task == "instruct"
                   else ClassificationTask(tokenizer, label_names, cfg.max_text_tokens))
@@ -113,4 +126,5 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
     counts = np.bincount(train.labels, minlength=len(label_names)).tolist()
     log.info("node %d ready on %s in %.1fs: %d train examples %s, %d blocks",
              partition_id, device, time.time() - start, len(train), counts, len(blocks))
-    return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts, steps_per_visit)
+    return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts, steps_per_visit, label_names,
+                       data_path or "")

@@ -9,8 +9,11 @@ from deca_flower.data.sources import DataError
 
 
 def train_test(corpus: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Stratified split; the test part is never trained on by any node."""
-    split = corpus.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    """Stratified split (plain when a class is too rare to stratify); the test part is never trained on."""
+    try:
+        split = corpus.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    except ValueError:
+        split = corpus.train_test_split(test_size=test_fraction, seed=seed)
     return split["train"], split["test"]
 
 

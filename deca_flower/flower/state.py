@@ -52,14 +52,14 @@ def generation_of(context: Context) -> int:
     return int(record["generation"]) if record is not None else 0
 
 
-def get_runtime(context: Context, cfg: DecaConfig, partition_id: int) -> NodeRuntime:
+def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path: str | None = None) -> NodeRuntime:
     """The node's runtime at the generation recorded in its context (warm, or restored)."""
     key = (context.run_id, context.node_id)
     generation = generation_of(context)
     runtime = _WARM.get(key)
     if runtime is not None and runtime.generation == generation:
         return runtime
-    runtime = build_runtime(cfg, partition_id)
+    runtime = build_runtime(cfg, partition_id, data_path=data_path)
     if generation:
         _restore(runtime, generation)
     _drop_other_runs(context.run_id)

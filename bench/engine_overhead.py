@@ -1,0 +1,94 @@
+"""Per-inner-step overhead in Flower's two engines, same job, same seed:
+
+- simulation: `flwr run . --federation-config "num-supernodes=N client-resources-num-cpus=1"`
+  (N Ray actors side by side, one core each);
+- deployment: a local flower-superlink + N flower-supernodes on 127.0.0.1 (`flwr run . loopback`),
+  each node served by its warm worker, one core each (OMP_NUM_THREADS=1).
+
+Per inner step the coordinator records the wall time of the message round and the slowest
+node's forward + backward + Adam time; overhead = wall - that (message passing, (de)serialising,
+mixing, bookkeeping). The first visit is left out (warm-up).
+
+    python bench/engine_overhead.py [--nodes 2] [--run-config "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.loopback import Loopback  # noqa: E402
+
+DEFAULT = ("topology='complete' embeddings='frozen' layers-per-block=6 steps-per-block=4 eval-initial=false "
+           "eval-samples=8 eval-every-blocks=0")
+
+
+def per_step(run_dir: Path) -> dict[str, float]:
+    visits = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "visit"]
+    walls = np.array([v["step_wall_s"] for v in visits[1:]])
+    computes = np.array([v["step_compute_s"] for v in visits[1:]])
+    return {"wall": float(walls.mean()), "compute": float(computes.mean()), "overhead": float((walls - computes).mean()),
+            "visits": len(visits) - 1}
+
+
+def simulation(overrides: str, nodes: int, out: Path) -> dict[str, float]:
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"{overrides} run-name='sim' results-dir='{out}'",
+           "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    return per_step(out / "sim")
+
+
+def deployment(overrides: str, nodes: int, out: Path) -> dict[str, float]:
+    federation = Loopback(out)
+    federation.env["OMP_NUM_THREADS"] = "1"  # one core per node, as the simulation actors get
+    try:
+        federation.start_superlink()
+        for pid in range(nodes):
+            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={nodes} "
+                                       f"worker-socket='{out / f'w{pid}.sock'}' warm-worker-idle-s=60")
+        result = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config",
+                                 f"{overrides} run-name='deployed' results-dir='{out}'", timeout=3600)
+        if result.returncode != 0:
+            raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    finally:
+        for pid_file in out.glob("w*.pid"):
+            os.kill(int(pid_file.read_text()), 15)
+        federation.stop()
+    return per_step(out / "deployed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--run-config", default=DEFAULT)
+    args = parser.parse_args()
+    overrides = f"num-nodes={args.nodes} {args.run_config}"
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; run-config: {overrides}")
+    out = Path(tempfile.mkdtemp(prefix="engine-overhead-"))
+    start = time.time()
+    sim = simulation(overrides, args.nodes, out / "simulation")
+    dep = deployment(overrides, args.nodes, out / "deployment")
+    for name, r in (("simulation", sim), ("deployment", dep)):
+        print(f"{name}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam (slowest node) "
+              f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)")
+    print(f"deployment / simulation per inner step: {dep['wall'] / sim['wall']:.3f} (goal <= 1.3); "
+          f"overhead {dep['overhead']:.3f} s vs {sim['overhead']:.3f} s; total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

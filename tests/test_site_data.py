@@ -1,0 +1,52 @@
+"""Each site trains on its own local file (node-config data-path); nobody else reads it."""
+
+import json
+
+import pytest
+
+from apps.client_app import app as client_app
+from deca_flower.data.sources import DataError, load_corpus
+from deca_flower.flower import state
+from deca_flower.flower.coordinator import CoordinationError, run_deca
+from deca_flower.paths import prepare_run
+from tests.inprocess import InProcessGrid
+
+TOPICS = ["sport", "tech", "politics"]
+
+
+def write_site(path, topics, rows=12):
+    lines = [json.dumps({"text": f"{topic} news item number {i} " * 3, "label": topic})
+             for i in range(rows) for topic in topics]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def sites(tmp_path, topics_per_site):
+    return {pid: {"partition-id": pid, "num-partitions": len(topics_per_site),
+                  "data-path": write_site(tmp_path / f"site{pid}.jsonl", topics)}
+            for pid, topics in enumerate(topics_per_site)}
+
+
+def run(cfg, node_configs):
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(cfg)
+    return run_deca(InProcessGrid(client_app, cfg.num_nodes, node_configs=node_configs), cfg, run_dir), run_dir
+
+
+def test_sites_train_on_their_own_files(tiny_cfg, tmp_path):
+    configs = sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:]])
+    summary, run_dir = run(tiny_cfg.replace(labels=",".join(TOPICS)), configs)
+    counts = summary["label_counts"]  # 80% of each site's 12 rows per topic, only its topics
+    assert counts[1][2] == 0 and counts[2][0] == 0 and all(sum(c) > 0 for c in counts.values())
+    assert len(summary["final"]["accuracy_per_node"]) == 3
+    assert not (run_dir / "label_distribution.png").exists()  # the server never sees the sites' data
+
+
+def test_sites_that_number_classes_differently_are_refused(tiny_cfg, tmp_path):
+    with pytest.raises(CoordinationError, match="nodes disagree on the class names"):
+        run(tiny_cfg, sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:]]))
+
+
+def test_a_label_outside_the_agreed_list_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"labels \['tech'\] that are not in"):
+        load_corpus(write_site(tmp_path / "x.jsonl", TOPICS), labels=["sport", "politics"])
