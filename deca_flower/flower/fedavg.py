@@ -56,7 +56,7 @@ def run_fedavg(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     deca_blocks = int(infos[0]["steps-per-visit"]) // cfg.steps_per_block
     num_rounds = cfg.rounds * deca_blocks
     model, _ = load_model(cfg.model, torch.device("cpu"), seed=cfg.seed)  # same init as every node
-    initial = ArrayRecord(model.state_dict())
+    initial = ArrayRecord(parameters(model))
     model_bytes = rk.record_bytes(initial)
     del model
     initial_eval = coordinator.evaluate([0], 0, -1) if cfg.eval_initial else None
@@ -105,9 +105,19 @@ def _config_only(msg: Message) -> Message:
     return Message(metadata=msg.metadata, content=RecordDict({rk.CONFIG: config}))
 
 
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What FedAvg sends: every parameter once (a tied LM head is the embedding, not a second copy)."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
 def _load_global(runtime, msg: Message) -> None:
-    state = msg.content[ARRAYS].to_torch_state_dict()
-    runtime.node.model.load_state_dict(state, strict=True)
+    received = msg.content[ARRAYS].to_torch_state_dict()
+    params = dict(runtime.node.model.named_parameters())
+    if received.keys() != params.keys():
+        raise ValueError(f"global model has parameters {sorted(set(received) ^ set(params))[:3]} that do not match")
+    with torch.no_grad():
+        for name, value in received.items():
+            params[name].copy_(value)
 
 
 def handle_fedavg_train(msg: Message, context: Context) -> Message:
@@ -119,7 +129,7 @@ def handle_fedavg_train(msg: Message, context: Context) -> Message:
     node.end_block()
     metrics = MetricRecord({"num-examples": len(runtime.train), "loss": float(np.mean(losses)),
                             "opt-bytes": float(node.peak_optimizer_bytes)})
-    return Message(RecordDict({ARRAYS: ArrayRecord(node.model.state_dict()), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: ArrayRecord(parameters(node.model)), "metrics": metrics}), reply_to=msg)
 
 
 def handle_fedavg_evaluate(msg: Message, context: Context) -> Message:
