@@ -62,3 +62,21 @@ def test_warm_workers_give_the_in_process_numbers_and_survive_a_kill(tiny_cfg, t
         assert "restored from" in (tmp_path / "w1.log").read_text()
     finally:
         stop_workers(tmp_path)
+
+
+def test_worker_is_used_in_flowers_per_message_process_unless_turned_off(monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from deca_flower.flower import worker
+
+    def context(node_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    monkeypatch.setattr(worker.sys, "argv", ["/venv/bin/flwr-clientapp", "--token", "x"])
+    assert worker.wanted(context({"partition-id": 0}))
+    assert not worker.wanted(context({"partition-id": 0, "warm-worker": False}))
+    monkeypatch.setattr(worker.sys, "argv", ["python"])  # a simulation actor, or a test
+    assert not worker.wanted(context({"partition-id": 0}))
+    assert worker.wanted(context({"partition-id": 0, "warm-worker": True}))
+    monkeypatch.setenv(worker.IN_WORKER, "1")  # inside the worker: run the handlers
+    assert not worker.wanted(context({"partition-id": 0, "warm-worker": True}))
