@@ -78,7 +78,7 @@ def newest_blocks(state_dir):
 
 
 def comparable(records):
-    timings = {"elapsed_s", "step_wall_s", "step_compute_s"}
+    timings = {"elapsed_s", "step_wall_s", "step_compute_s", "step_compute_sum_s"}
     return [{k: v for k, v in r.items() if k not in timings} for r in records if r["kind"] in ("eval", "visit")]
 
 

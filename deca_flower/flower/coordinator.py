@@ -124,12 +124,14 @@ class Coordinator:
         total = len(schedule) * steps_per_visit
         for visit in schedule[visits_done:]:
             losses: list[float] = []
-            walls, computes = [], []  # per inner step: wall time, and the slowest node's fwd+bwd+Adam time
+            walls, computes, totals = [], [], []  # per inner step: wall time; slowest node's and all nodes'
+            # forward + backward + Adam time (the critical path when nodes run side by side / one after another)
             for r in range(steps_per_visit):
                 tic = time.time()
                 metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), visit=visit.position)
                 walls.append(time.time() - tic)
                 computes.append(max(m["step-s"] for m in metrics.values()))
+                totals.append(sum(m["step-s"] for m in metrics.values()))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
             distance = (float("nan") if cfg.secure_gossip  # the relay cannot read sealed blocks
@@ -138,6 +140,7 @@ class Coordinator:
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
                                 "bytes_sent_per_node": float(progress.bytes_sent.mean()),
                                 "step_wall_s": float(np.mean(walls)), "step_compute_s": float(np.mean(computes)),
+                                "step_compute_sum_s": float(np.mean(totals)),
                                 "elapsed_s": time.time() - progress.started})
             log.info("round %d/%d block %d (%d/%d visits): loss %.4f, consensus distance %.3g, step %d/%d, %.0fs",
                      visit.round + 1, cfg.rounds, visit.block, visit.position + 1, len(schedule), np.mean(losses),
