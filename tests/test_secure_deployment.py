@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 
 import pytest
 from cryptography import x509
@@ -61,7 +62,8 @@ def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_pat
             private, public = write_node_key(keys, f"node{pid}")
             registered = federation.flwr("supernode", "register", str(public), "loopback", timeout=120)
             assert registered.returncode == 0, registered.stdout + registered.stderr
-            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=2", private)
+            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=2 "
+                                       f"worker-socket='{tmp_path / f'w{pid}.sock'}' warm-worker-idle-s=60", private)
         intruder, _ = write_node_key(keys, "intruder")  # never registered
         intruding = federation.start_supernode("intruder", "partition-id=0 num-partitions=2", intruder)
         overrides = (f"model='tiny-random' num-nodes=2 topology='complete' steps-per-block=2 batch-size=2 "
@@ -77,4 +79,6 @@ def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_pat
         intruding.wait(timeout=120)  # it gives up: the SuperLink never activates an unregistered key
         assert intruding.returncode != 0 and "Failed to activate SuperNode" in federation.log("intruder")
     finally:
+        for pid_file in tmp_path.glob("w*.pid"):  # the warm workers
+            os.kill(int(pid_file.read_text()), 15)
         federation.stop()
