@@ -106,12 +106,12 @@ class Coordinator:
                                         f"partition ids must be unique and in 0..{self.cfg.num_nodes - 1}")
             infos[pid] = info
             self.node_of[pid] = reply.metadata.src_node_id
+            if "x25519" in info:
+                self.public_keys[pid] = (str(info["x25519"]), str(info["signature"]))
         names = {pid: list(info["label-names"]) for pid, info in infos.items()}
         if self.cfg.task == "classify" and len({tuple(n) for n in names.values()}) > 1:
             raise CoordinationError(f"nodes disagree on the class names {names}; set labels='a,b,...' in the run "
                                     "config so every site numbers them the same way")
-            if "x25519" in info:
-                self.public_keys[pid] = (str(info["x25519"]), str(info["signature"]))
         return infos
 
     # -- training ------------------------------------------------------------------------
