@@ -15,7 +15,7 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "conf" / "experim
 @pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.stem != "paper-qwen"], ids=lambda p: p.stem)
 def test_experiments_validate_every_run(path):
     spec = load_experiment(path)
-    assert len(spec["runs"]) >= 3
+    assert len(spec["runs"]) >= 2  # a comparison
 
 
 def test_paper_qwen_preset_starts_on_a_local_model_dir(tmp_path):
