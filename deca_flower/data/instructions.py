@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets import ClassLabel, Dataset, Features, Value
 
-from deca_flower.data.sources import DataError
+from deca_flower.data.sources import DataError, load_table
 
 CHATTERBOT = "chatterbot-english"
 CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
@@ -32,14 +32,7 @@ TOP_FIRST_WORDS = 8
 def load_instructions(name: str) -> Dataset:
     if name == CHATTERBOT:
         return _chatterbot()
-    path = Path(name).expanduser()
-    if path.suffix in (".jsonl", ".json", ".csv"):
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist")
-        raw = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
-    else:
-        raw = load_dataset(name, split="train")
-    return _as_instructions(raw, name)
+    return _as_instructions(load_table(name), name)
 
 
 def prepare_chatterbot() -> Path:

@@ -27,14 +27,17 @@ class DataError(ValueError):
 def load_corpus(name: str, labels: list[str] | None = None) -> Dataset:
     if name == DEFAULT_DATASET:
         return _bbc_news()
+    return _as_classification(load_table(name), name, labels)
+
+
+def load_table(name: str) -> Dataset:
+    """A local .jsonl/.json/.csv file, or a hub id (its "train" split), as `datasets` loads it."""
     path = Path(name).expanduser()
     if path.suffix in (".jsonl", ".json", ".csv"):
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
-        raw = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
-    else:
-        raw = load_dataset(name, split="train")
-    return _as_classification(raw, name, labels)
+        return load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
+    return load_dataset(name, split="train")
 
 
 def _bbc_news() -> Dataset:
