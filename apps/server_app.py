@@ -7,8 +7,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from deca_flower.config import DecaConfig
-from deca_flower.flower.coordinator import run_deca
 from deca_flower.flower.fedavg import run_fedavg
+from deca_flower.flower.job import run_deca
 from deca_flower.logs import use_flower_logging
 from deca_flower.paths import prepare_run
 

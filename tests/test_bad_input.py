@@ -11,7 +11,8 @@ from apps.client_app import app as client_app
 from deca_flower.data.sources import DataError
 from deca_flower.flower import records as rk
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import CoordinationError, Coordinator, run_deca
+from deca_flower.flower.coordinator import CoordinationError, Coordinator
+from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
 from deca_flower.results import RunWriter
 from deca_flower.runtime import build_runtime

@@ -16,7 +16,7 @@ from tests.inprocess import InProcessGrid
 
 
 def run_with_faults(cfg, silent=None, crash=None):
-    from deca_flower.flower.coordinator import run_deca
+    from deca_flower.flower.job import run_deca
 
     state._WARM.clear()
     cfg, run_dir = prepare_run(cfg)
@@ -84,7 +84,7 @@ def comparable(records):
 
 @pytest.mark.parametrize("kill_after", [22, 16], ids=["mid-visit", "during-the-finish-of-a-visit"])
 def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
-    from deca_flower.flower.coordinator import run_deca
+    from deca_flower.flower.job import run_deca
     from tests.inprocess import KilledRun
 
     cfg = tiny_cfg.replace(rounds=2, eval_every_blocks=2)
@@ -112,7 +112,8 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
 
 
 def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
-    from deca_flower.flower.coordinator import CoordinationError, run_deca
+    from deca_flower.flower.coordinator import CoordinationError
+    from deca_flower.flower.job import run_deca
 
     with pytest.raises(CoordinationError, match="no run in"):
         cfg, run_dir = prepare_run(tiny_cfg.replace(run_name="never-ran", resume=True))
@@ -124,7 +125,7 @@ def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
 
 
 def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
-    from deca_flower.flower.coordinator import run_deca
+    from deca_flower.flower.job import run_deca
 
     state._WARM.clear()
     cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete", rounds=1))

@@ -10,7 +10,7 @@ from deca_flower.config import ConfigError
 from deca_flower.data.instructions import load_instructions
 from deca_flower.data.sources import DataError
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import run_deca
+from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
 from deca_flower.runtime import node_partition, partitioner_for
 from tests.inprocess import InProcessGrid

@@ -8,7 +8,7 @@ import pytest
 
 from apps.client_app import app as client_app
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import run_deca
+from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
 from tests.inprocess import InProcessGrid
 
