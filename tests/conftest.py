@@ -14,4 +14,6 @@ def tiny_cfg(tmp_path) -> DecaConfig:
         rounds=1, batch_size=2, max_text_tokens=16, eval_samples=20, eval_batch_size=10, lr=1e-3,
         eval_every_blocks=0, results_dir=str(tmp_path / "runs"), run_name="t", state_dir=str(tmp_path / "nodes"),
         node_wait_s=5,
+        # in-process grids answer during the push, so a reply that is missing afterwards never comes
+        reply_timeout_s=1.0, rejoin_probe_s=0.5,
     )

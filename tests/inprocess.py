@@ -34,12 +34,20 @@ class InProcessGrid:
         self.trains: dict[int, int] = {}
         self.total_trains = 0
         self.down: set[int] = set()
+        self.replies: dict[str, Message] = {}   # message id -> reply not pulled yet
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        return self.pull_messages(self.push_messages(messages))
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def push_messages(self, messages):
+        """Deliver each message now; its reply (if any) waits for pull_messages."""
+        ids = []
         for msg in messages:
             self.sent += 1
             node_id = msg.metadata.dst_node_id
@@ -50,6 +58,7 @@ class InProcessGrid:
             if node_id in self.down and self.total_trains >= self.back_at.get(node_id, 1 << 30):
                 self.down.discard(node_id)
                 self.silent_after.pop(node_id)
+            ids.append(delivered.metadata.message_id)
             if node_id in self.down:
                 continue  # a dead SuperNode: no reply at all
             if msg.metadata.message_type.startswith("train"):
@@ -61,9 +70,10 @@ class InProcessGrid:
                     self.down.add(node_id)
                     continue
                 if self.trains[node_id] > self.crash_after.get(node_id, 1 << 30):
-                    replies.append(Message(Error(0, "ClientApp raised RuntimeError: simulated crash"), reply_to=delivered))
+                    self.replies[delivered.metadata.message_id] = Message(
+                        Error(0, "ClientApp raised RuntimeError: simulated crash"), reply_to=delivered)
                     continue
             reply = self.client_app(delivered, self.contexts[node_id])
             if node_id not in self.drop_replies_from:
-                replies.append(reply)
-        return replies
+                self.replies[delivered.metadata.message_id] = reply
+        return ids

@@ -40,7 +40,9 @@ class Loopback:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                           f'address = "127.0.0.1:{self.link}"\n{security}\n')
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    # a SuperNode's SuperExec looks for messages to start a ClientApp for every 1 s by default
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
         self.procs: list[subprocess.Popen] = []
 
     def _security(self, *, server: bool) -> list[str]:

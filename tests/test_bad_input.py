@@ -30,7 +30,8 @@ def started_coordinator(cfg, tmp_path, **grid_args):
 
 def train_message(coordinator, pid, neighbour_blocks):
     content = RecordDict({rk.CONFIG: coordinator.config_record,
-                          rk.INSTRUCTION: ConfigRecord({rk.STEP: 1, rk.MIX: True, rk.BLOCK: 1, rk.START: False})})
+                          rk.INSTRUCTION: ConfigRecord({rk.STEP: 1, rk.MIX: True, rk.BLOCK: 1, rk.START: False,
+                                                       rk.FINISH: -1})})
     mixing = {"self": 1.0 - 0.5 * len(neighbour_blocks)}
     for j, block in neighbour_blocks.items():
         content[f"{rk.NEIGHBOUR_PREFIX}{j}"] = rk.block_to_record(block)

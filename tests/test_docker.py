@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,3 +27,24 @@ def test_compose_commands_use_flags_of_the_pinned_flower():
     partitions = sorted(s["command"][s["command"].index("--node-config") + 1] for n, s in services.items()
                         if n.startswith("supernode"))
     assert partitions == [f"partition-id={i} num-partitions=3" for i in range(3)]
+
+
+def test_supernode_environment_names_settings_the_pinned_flower_reads():
+    from flwr.supercore.superexec import run_superexec
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    source = Path(run_superexec.__file__).read_text()
+    for name, service in compose["services"].items():
+        for variable in service.get("environment", {}):
+            assert f'"{variable}"' in source, f"{name}: Flower's SuperExec does not read {variable}"
+
+
+def test_compose_file_validates_with_the_compose_cli():
+    import shutil
+
+    cli = shutil.which("docker-compose")
+    if cli is None:
+        pytest.skip("no docker-compose CLI on this machine")
+    result = subprocess.run([cli, "-f", str(ROOT / "docker" / "compose.yaml"), "config", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -82,7 +82,10 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in timings} for r in records if r["kind"] in ("eval", "visit")]
 
 
-@pytest.mark.parametrize("kill_after", [22, 16], ids=["mid-visit", "during-the-finish-of-a-visit"])
+# 3 nodes, 2 steps per visit, evaluation after every 2nd visit: the rounds of two visits are
+# step, step, step+finish of the previous visit, step, finish (5 rounds = 15 train messages)
+@pytest.mark.parametrize("kill_after", [19, 22, 13],
+                         ids=["mid-visit", "during-a-finish-with-the-next-step", "during-a-mix-only-finish"])
 def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
     from deca_flower.flower.job import run_deca
     from tests.inprocess import KilledRun
@@ -94,7 +97,7 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
     cfg = cfg.replace(run_name="killed", state_dir=str(tmp_path / "killed"))
     killed_cfg, run_dir = prepare_run(cfg)
     grid = InProcessGrid(client_app, cfg.num_nodes)
-    grid.kill_after = kill_after  # 3 nodes x (2 steps + 1 finish) = 9 train messages per visit
+    grid.kill_after = kill_after
     with pytest.raises(KilledRun):
         run_deca(grid, killed_cfg, run_dir)
     state._WARM.clear()  # the node processes died with it

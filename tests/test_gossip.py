@@ -44,3 +44,16 @@ def test_nodes_that_agree_stay_exactly_agreed_with_thirds():
     x = torch.randn(10000)
     mixed = mix([x], 1 / 3, [(1 / 3, [x.clone()]), (1 / 3, [x.clone()])])[0]
     assert torch.equal(mixed, x)
+
+
+def test_consensus_distance_is_the_mean_squared_distance_to_the_average():
+    from deca_flower.core.reference import consensus_distance
+
+    torch.manual_seed(1)
+    blocks = [{"a": torch.randn(4, 3) + 10, "b": torch.randn(7)} for _ in range(5)]  # offset: cancellation
+    expected = 0.0
+    for name in ("a", "b"):
+        stacked = torch.stack([b[name].double() for b in blocks])
+        expected += float(((stacked - stacked.mean(0)) ** 2).sum()) / len(blocks)
+    assert consensus_distance(blocks) == pytest.approx(expected, rel=1e-6)
+    assert consensus_distance([blocks[0]] * 3) == pytest.approx(0.0, abs=1e-9)

@@ -31,13 +31,13 @@ class KillingGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.kill_worker_of, self.kill_at, self.sockets = kill_worker_of, kill_at, sockets
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         if self.total_trains >= self.kill_at and self.kill_at >= 0:
             pid = int((self.sockets / f"w{self.kill_worker_of}.pid").read_text())
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)  # the test process started it (via the ClientApp), so it reaps it
             self.kill_at = -1
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def run(cfg, grid):

@@ -7,7 +7,7 @@
             mixed  = W @ [half_1 .. half_n] # oracle: per node over its neighbours; fast: one matmul
             node_i.apply_mix / apply_mixed  # theta = mixed, BMA fold
 
-    exercised by: pytest tests/test_reference.py tests/test_flower_matches_reference.py
+    exercised by: pytest tests/test_flower_matches_reference.py tests/test_gossip.py
 """
 
 from __future__ import annotations

@@ -166,15 +166,16 @@ def _take_blocks(runtime: NodeRuntime, context: Context, record: ArrayRecord, vi
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Finish the previous visit when a new one starts, then one local step on `block`."""
+    """Finish the visit of the active block if asked (save it: a block-boundary checkpoint), then
+    one local step on `block` unless block=-1."""
     runtime = runtime_for(msg, context)
     node = runtime.node
     instruction = msg.content[rk.INSTRUCTION]
-    block, start_visit = int(instruction[rk.BLOCK]), bool(instruction[rk.START])
-    finished, finished_index = None, None
-    if block < 0 and node.active_index is not None:  # end of a visit: keep the block, checkpoint
-        finished, finished_index = node.block_values(), node.active_index
+    block, start_visit, finish = int(instruction[rk.BLOCK]), bool(instruction[rk.START]), int(instruction[rk.FINISH])
+    if finish >= 0 and node.active_index is not None:  # (a node that just rejoined has nothing to finish)
+        finished = {node.active_index: node.block_values()}
         node.end_block()
+        save_blocks(runtime, finished, finish)  # before the step: the checkpoint holds the sampler of the boundary
     content = RecordDict()
     if block >= 0:
         if start_visit:
@@ -203,8 +204,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         if runtime.excluded_last_step:
             content[rk.EXCLUDED] = ConfigRecord({"senders": runtime.excluded_last_step})
             runtime.excluded_last_step = []
-    commit(context, runtime, finished_block=finished, finished_index=finished_index,
-           visit=int(instruction[rk.VISIT]) if rk.VISIT in instruction else None)
+    commit(context, runtime)
     return Message(content, reply_to=msg)
 
 

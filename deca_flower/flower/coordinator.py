@@ -33,6 +33,9 @@ from deca_flower.results import RunWriter, mean_std
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
+# Flower's send_and_receive sleeps 3 s between pulls in deployment (1.5 s per inner step on average);
+# 0.1 s as in simulation (shorter was slower there: the pulls compete with the engine's threads)
+PULL_INTERVAL_S = 0.1
 
 
 class CoordinationError(RuntimeError):
@@ -119,14 +122,19 @@ class Coordinator:
         self.weights = weights
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
         total = len(schedule) * steps_per_visit
+        unconfirmed: dict[str, Any] | None = None  # checkpoint of a visit whose finish rides on the next step
         for visit in schedule[visits_done:]:
             losses: list[float] = []
             walls, computes, totals = [], [], []  # per inner step: wall time; slowest node's and all nodes'
             # forward + backward + Adam time (the critical path when nodes run side by side / one after another)
             for r in range(steps_per_visit):
+                finish = unconfirmed["visit"] if unconfirmed and r == 0 else -1
                 tic = time.time()
-                metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), visit=visit.position)
+                metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), finish=finish)
                 walls.append(time.time() - tic)
+                if unconfirmed and r == 0:  # every node replied: the previous visit is finished and saved
+                    self._write_checkpoint({**unconfirmed, "dropped": self.dropped, "rejoined": self.rejoined})
+                    unconfirmed = None
                 computes.append(max(m["step-s"] for m in metrics.values()))
                 totals.append(sum(m["step-s"] for m in metrics.values()))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
@@ -142,22 +150,27 @@ class Coordinator:
             log.info("round %d/%d block %d (%d/%d visits): loss %.4f, consensus distance %.3g, step %d/%d, %.0fs",
                      visit.round + 1, cfg.rounds, visit.block, visit.position + 1, len(schedule), np.mean(losses),
                      distance, progress.step, total, time.time() - progress.started)
-            # the last mix of the visit, so nodes finish the block and checkpoint it (same math as
-            # mixing at the start of the next visit)
-            self.exchange(self.weights, block=-1, start=False, visit=visit.position)
             last = visit.position + 1 == len(schedule)
-            if last or (evaluate_every and (visit.position + 1) % evaluate_every == 0):
+            evaluate = last or (evaluate_every and (visit.position + 1) % evaluate_every == 0)
+            if not (evaluate or self._may_rejoin()):
+                # the last mix of the visit goes with the next visit's first step: nodes mix, save the
+                # finished block, start the next one (one message round per visit fewer)
+                unconfirmed = self._checkpoint_state(visit.position)
+                continue
+            self.exchange(self.weights, block=-1, start=False, finish=visit.position)
+            if evaluate:
                 self.evaluate(list(self.node_of), visit.round, visit.block, final=last)
             if not last:
                 self.rejoin(visit.position, sorted({v.block for v in schedule[: visit.position + 1]}))
-            self.checkpoint(visit.position)
+            self._write_checkpoint(self._checkpoint_state(visit.position))
 
-    def exchange(self, weights: np.ndarray, *, block: int, start: bool, visit: int = 0) -> dict[int, dict[str, float]]:
+    def exchange(self, weights: np.ndarray, *, block: int, start: bool, finish: int = -1) -> dict[int, dict[str, float]]:
         """One inner step: relay each node its neighbours' previous halves; collect new halves.
-        block=-1 only mixes the last halves and finishes the visit."""
+        finish >= 0: after mixing, nodes finish their active block and save it as visit `finish`;
+        block=-1: no step after that."""
         progress = self.progress
         instruction = ConfigRecord({rk.STEP: progress.step, rk.MIX: bool(progress.halves),
-                                    rk.BLOCK: block, rk.START: start, rk.VISIT: visit})
+                                    rk.BLOCK: block, rk.START: start, rk.FINISH: finish})
         messages = []
         for pid, nid in self.node_of.items():
             content = RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: instruction})
@@ -197,16 +210,22 @@ class Coordinator:
 
     # -- block boundaries: checkpoint and rejoin -------------------------------------------
 
-    def checkpoint(self, visit: int) -> None:
-        """Every node has finished and saved `visit`: record where the run stands (atomic)."""
+    def _checkpoint_state(self, visit: int) -> dict[str, Any]:
+        """Where the run stands at the end of `visit` (what `resume` needs)."""
         progress = self.progress
-        state = {"visit": visit, "step": progress.step, "bytes_sent": progress.bytes_sent.tolist(),
-                 "peak_opt_bytes": progress.peak_opt_bytes, "elapsed_s": time.time() - progress.started,
-                 "metrics_lines": self.writer.lines, "dropped": self.dropped,
-                 "rejoined": self.rejoined}
+        return {"visit": visit, "step": progress.step, "bytes_sent": progress.bytes_sent.tolist(),
+                "peak_opt_bytes": progress.peak_opt_bytes, "elapsed_s": time.time() - progress.started,
+                "metrics_lines": self.writer.lines, "dropped": dict(self.dropped), "rejoined": list(self.rejoined)}
+
+    def _write_checkpoint(self, state: dict[str, Any]) -> None:
+        """Every node has finished and saved state["visit"]: record it (atomic)."""
         tmp = self.writer.run_dir / "checkpoint.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.writer.run_dir / CHECKPOINT)
+
+    def _may_rejoin(self) -> bool:
+        # (secure-gossip: the copy of the blocks would pass the relay in clear, so no rejoin)
+        return bool(self.dropped) and self.cfg.rejoin_probe_s > 0 and not self.cfg.secure_gossip
 
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: nodes that were taking part go back to their own
@@ -228,13 +247,13 @@ class Coordinator:
     def rejoin(self, visit: int, visited_blocks: list[int]) -> None:
         """A dropped node that answers again gets a live neighbour's copy of every block trained so
         far (one model transfer), then takes part from the next visit on."""
-        if not self.dropped or self.cfg.rejoin_probe_s == 0 or self.cfg.secure_gossip:
-            return  # (secure-gossip: the copy would pass the relay in clear, so no rejoin)
+        if not self._may_rejoin():
+            return
         in_use = set(self.node_of.values())
         probes = [Message(RecordDict({rk.CONFIG: self.config_record}), dst_node_id=nid, message_type=rk.QUERY)
                   for nid in self.grid.get_node_ids() if nid not in in_use]
         back = {}
-        for reply in self.grid.send_and_receive(probes, timeout=self.cfg.rejoin_probe_s):
+        for reply in send_and_receive(self.grid, probes, self.cfg.rejoin_probe_s):
             pid = -1 if reply.has_error() else int(reply.content[rk.NODE_INFO]["partition-id"])
             if pid in self.dropped:
                 back[pid] = reply.metadata.src_node_id
@@ -251,7 +270,7 @@ class Coordinator:
             handover = Message(RecordDict({rk.CONFIG: self.config_record, rk.BLOCKS: blocks,
                                            rk.INSTRUCTION: ConfigRecord({rk.VISIT: visit})}),
                                dst_node_id=nid, message_type=rk.QUERY)
-            replies = list(self.grid.send_and_receive([handover], timeout=self.cfg.reply_timeout_s))
+            replies = send_and_receive(self.grid, [handover], self.cfg.reply_timeout_s)
             if not replies or replies[0].has_error():
                 log.warning("node %d answered but could not rejoin: %s", pid,
                             replies[0].error.reason if replies else "no reply")
@@ -295,7 +314,7 @@ class Coordinator:
 
     def _send(self, messages: list[Message], dropouts_allowed: bool = False) -> list[Message]:
         """Replies of every node; with dropouts_allowed, silent or crashed nodes are dropped instead."""
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.reply_timeout_s))
+        replies = send_and_receive(self.grid, messages, self.cfg.reply_timeout_s)
         answered = {r.metadata.src_node_id for r in replies}
         problems = {m.metadata.dst_node_id: f"no reply within reply-timeout-s={self.cfg.reply_timeout_s}"
                     for m in messages if m.metadata.dst_node_id not in answered}
@@ -342,3 +361,22 @@ class Coordinator:
 
     def _pid_of_node(self, node_id: int) -> int:
         return next(pid for pid, nid in self.node_of.items() if nid == node_id)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push, then pull the replies every PULL_INTERVAL_S until all are in or `timeout` passed.
+
+    Grid.send_and_receive does the same with a fixed pause between pulls that would add half of
+    it to every inner step on average."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        replies += pulled
+        pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if pending and time.monotonic() < deadline:
+            time.sleep(PULL_INTERVAL_S)
+        elif pending:
+            break
+    return replies

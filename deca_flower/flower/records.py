@@ -7,6 +7,8 @@ and reinterpreted on arrival (no upcast, no extra bytes).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -34,9 +36,10 @@ BLOCKS = "deca.blocks"            # ArrayRecord: whole blocks for a node that re
 # instruction keys
 STEP = "step"          # global inner-step counter of the run
 MIX = "mix"            # mix the previous step's halves first
-BLOCK = "block"        # block to run a local step on (-1: none, only finish the current one)
+BLOCK = "block"        # block to run a local step on (-1: none)
 START = "start"        # first step of a block visit: fresh Adam moments
-VISIT = "visit"        # position of the block visit in the schedule (names checkpoint versions)
+VISIT = "visit"        # rejoin: the visit after which the node takes part again
+FINISH = "finish"      # after mixing, finish the active block and save it as this visit (-1: no)
 FRESH = "fresh-start"          # query: a new run; delete checkpoints of an earlier attempt
 RESUME_VISIT = "resume-visit"  # query: continue from this node's checkpoint of that visit
 SEND_BLOCKS = "send-blocks"    # query: reply with the current values of these blocks
@@ -45,6 +48,7 @@ STYPE = "raw"
 _WIRE = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.float16),
          torch.bfloat16: ("bfloat16", np.int16)}
 _FROM_NAME = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _WIRE.items()}
+_NUMPY_TO_TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int16: torch.int16}
 
 
 class RecordError(ValueError):
@@ -66,7 +70,10 @@ def block_to_record(block: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]:
-    """Decode without trusting the sender: dtype, stype and byte count are checked."""
+    """Decode without trusting the sender: dtype, stype and byte count are checked.
+
+    The tensors are read-only views of the record's bytes (no copy: a neighbour block is only
+    validated and mixed); a caller that keeps or changes one copies it."""
     out = {}
     for name, array in record.items():
         if array.stype != STYPE or array.dtype not in _FROM_NAME:
@@ -75,7 +82,11 @@ def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]
         count = int(np.prod(array.shape)) if array.shape else 1
         if len(array.data) != count * np.dtype(np_dtype).itemsize:
             raise RecordError(f"block from {sender}: '{name}' has {len(array.data)} bytes for shape {array.shape}")
-        tensor = torch.from_numpy(np.frombuffer(array.data, dtype=np_dtype).copy()).reshape(array.shape)
+        with warnings.catch_warnings():  # torch warns that the bytes are not writable: they need not be
+            warnings.simplefilter("ignore", UserWarning)
+            wire = _NUMPY_TO_TORCH[np_dtype]
+            tensor = torch.frombuffer(array.data, dtype=wire) if count else torch.empty(0, dtype=wire)
+        tensor = tensor.reshape(array.shape)
         out[name] = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
     return out
 

@@ -67,16 +67,12 @@ def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path:
     return runtime
 
 
-def commit(context: Context, runtime: NodeRuntime, *, finished_block: dict[str, torch.Tensor] | None = None,
-           finished_index: int | None = None, visit: int | None = None) -> None:
-    """Record that a message was processed: bump the generation and persist what changed
-    (a finished block visit also writes the block-boundary checkpoint of `visit`)."""
+def commit(context: Context, runtime: NodeRuntime) -> None:
+    """Record that a message was processed: bump the generation and persist the position."""
     runtime.generation += 1
     context.state[STATE_RECORD] = ConfigRecord({"generation": runtime.generation})
     folder = node_dir(runtime.cfg, runtime.partition_id)
     folder.mkdir(parents=True, exist_ok=True)
-    if finished_block is not None and visit is not None:
-        save_blocks(runtime, {finished_index: finished_block}, visit)
     node = runtime.node
     mid_block = node.optimizer is not None
     if runtime.cfg.state_sync == "step" and mid_block:

@@ -1,0 +1,74 @@
+"""Per node-step costs outside the forward/backward/Adam, before/after this code's fast paths
+(SmolLM2-135M, 6 layers per block = the bench/overhead.py config, 2 neighbours).
+
+    python bench/transport_costs.py
+
+1. Decoding a neighbour block from its record: a copy of the bytes (before) versus a read-only
+   view of them (records.py: the block is only validated and mixed).
+2. What Flower's Ray backend adds and this code cannot remove: pickling the train message (two
+   neighbour blocks) into the actor and the reply (one block) back, as ray.cloudpickle does.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import sys
+import time
+
+import numpy as np
+import ray.cloudpickle as cloudpickle
+import torch
+from flwr.app import Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from deca_flower.config import DecaConfig
+from deca_flower.flower import records as rk
+from deca_flower.runtime import build_runtime
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def decode_by_copy(record) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.frombuffer(a.data, dtype=np.float32).copy()).reshape(a.shape)
+            for name, a in record.items()}
+
+
+def main() -> None:
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    runtime = build_runtime(DecaConfig(layers_per_block=6, embeddings="frozen", eval_samples=8), 0)
+    block = runtime.blocks[len(runtime.blocks) // 2]
+    params = dict(runtime.node.model.named_parameters())
+    half = {n: params[n].detach().clone() for n in block.param_names}
+    record = rk.block_to_record(half)
+    mib = rk.record_bytes(record) / 2**20
+    print(f"block {block.name}: {mib:.1f} MiB")
+
+    print(f"decode one neighbour block: copy {best_of(lambda: decode_by_copy(record)):.4f} s, "
+          f"view {best_of(lambda: rk.record_to_block(record, 'bench')):.4f} s")
+
+    halves = [{n: t + 1e-3 * torch.randn_like(t) for n, t in half.items()} for _ in range(3)]
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # Message() needs a run id
+    neighbours = {f"{rk.NEIGHBOUR_PREFIX}{j}": rk.block_to_record(halves[j]) for j in (1, 2)}  # distinct bytes
+    train = Message(RecordDict(neighbours),
+                    dst_node_id=1, message_type=rk.TRAIN)
+    reply = Message(RecordDict({rk.HALF: record}), dst_node_id=1, message_type=rk.TRAIN)
+    for name, msg in (("train message (2 neighbour blocks)", train), ("reply (1 block)", reply)):
+        data = cloudpickle.dumps(msg, protocol=5)
+        dumps = best_of(lambda m=msg: cloudpickle.dumps(m, protocol=5), 3)
+        loads = best_of(lambda d=data: pickle.loads(d), 3)
+        print(f"Ray pickling, {name}, {len(data) / 2**20:.0f} MiB: dumps {dumps:.3f} s + loads {loads:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
