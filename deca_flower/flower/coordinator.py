@@ -203,10 +203,12 @@ class Coordinator:
                 for reason in reply.content[rk.EXCLUDED]["senders"]:
                     log.warning("step %d: node %d excluded %s", progress.step, pid, reason)
                     self.writer.append({"kind": "excluded", "step": progress.step, "node": pid, "reason": reason})
-        progress.halves = halves
+        # replies come in any order: sorted by partition id, so means and the consensus distance
+        # are summed in the same order in every run (a resumed run ends bit for bit equal)
+        progress.halves = dict(sorted(halves.items()))
         if block >= 0:
             progress.step += 1
-        return metrics
+        return dict(sorted(metrics.items()))
 
     # -- block boundaries: checkpoint and rejoin -------------------------------------------
 
