@@ -11,7 +11,12 @@ when they run one after another (simulation), the slowest node when they run sid
 (deployment); it is message passing, (de)serialising, mixing and bookkeeping. The first visit is
 left out (warm-up).
 
-    python bench/engine_overhead.py [--nodes 2] [--run-config "..."]
+`--variants` runs only the deployment, once per row of VARIANTS, to show what each setting
+costs, from Flower's defaults to deca_flower's: the SuperLink's state in SQLite (`--database`)
+or in memory; Flower's fixed polling naps or 0.25 s polls; a `flwr-clientapp` process per
+message (handing it to the warm worker) or the in-process task runner.
+
+    python bench/engine_overhead.py [--nodes 2] [--run-config "..."] [--variants]
 """
 
 from __future__ import annotations
@@ -56,10 +61,29 @@ def simulation(overrides: str, nodes: int, out: Path) -> dict[str, float]:
     return per_step(out / "sim", "step_compute_sum_s")
 
 
-def deployment(overrides: str, nodes: int, out: Path) -> dict[str, float]:
+# deployment settings, Flower's defaults first, each row adding one change; the last row is what
+# tests/loopback.py and docker/ use
+FLOWER_SUPERNODE = ("flower-supernode", ())
+PER_MESSAGE = ("deca-flower-supernode", ("--task-runner", "per-message"))
+VARIANTS = {
+    "flower defaults (SQLite state, 3 s / 1 s naps, process per message)": (True, FLOWER_SUPERNODE, None),
+    "+ in-memory SuperLink state": (False, FLOWER_SUPERNODE, None),
+    "+ 0.25 s polls (deca-flower-supernode --task-runner per-message)": (False, PER_MESSAGE, "0.25"),
+    "+ in-process task runner (deca-flower-supernode)": (False, ("deca-flower-supernode", ()), "0.25"),
+}
+DECA_DEFAULT = list(VARIANTS)[-1]
+
+
+def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAULT) -> dict[str, float]:
     out.mkdir(parents=True)
-    federation = Loopback(out)
+    database, (program, args), superexec_poll = VARIANTS[variant]
+    federation = Loopback(out, supernode_program=program, supernode_args=args,
+                          database=out / "link.db" if database else None)
     federation.env["OMP_NUM_THREADS"] = "1"  # one core per node, as the simulation actors get
+    if superexec_poll is None:
+        federation.env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
+    else:
+        federation.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = superexec_poll
     try:
         federation.start_superlink()
         for pid in range(nodes):
@@ -80,12 +104,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--run-config", default=DEFAULT)
+    parser.add_argument("--variants", action="store_true", help="deployment only, once per setting in VARIANTS")
     args = parser.parse_args()
     overrides = f"num-nodes={args.nodes} {args.run_config}"
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; run-config: {overrides}")
     out = Path(tempfile.mkdtemp(prefix="engine-overhead-"))
     start = time.time()
+    if args.variants:
+        for i, variant in enumerate(VARIANTS):
+            r = deployment(overrides, args.nodes, out / f"deployment{i}", variant)
+            print(f"deployment, {variant}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam "
+                  f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)", flush=True)
+        print(f"total {time.time() - start:.0f} s")
+        return
     sim = simulation(overrides, args.nodes, out / "simulation")
     dep = deployment(overrides, args.nodes, out / "deployment")
     for name, r in (("simulation", sim), ("deployment", dep)):

@@ -2,7 +2,11 @@
 
 Flower 1.41 serves Fleet, Control and ServerAppIo on one HTTP port per SuperLink. With `tls`
 (a folder holding ca.crt, server.pem, server.key) everything runs over HTTPS; with
-`supernode_auth` the SuperLink only admits SuperNodes whose public key was registered.
+`supernode_auth` the SuperLink only admits SuperNodes whose public key was registered. The
+SuperLink keeps its state in memory (Flower's default) unless given a `database` file, where it
+writes every message's blocks to SQLite (slow for large blocks: bench/RESULTS.md).
+SuperNodes run `supernode_program` (+ `supernode_args`): `deca-flower-supernode` (no fixed 3 s
+polling naps; the ClientApp runs in its warm task runner) or Flower's own `flower-supernode`.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ def free_ports(n: int) -> list[int]:
 
 
 class Loopback:
-    def __init__(self, tmp_path: Path, *, tls: Path | None = None, supernode_auth: bool = False) -> None:
+    def __init__(self, tmp_path: Path, *, tls: Path | None = None, supernode_auth: bool = False,
+                 supernode_program: str = "deca-flower-supernode", supernode_args: tuple[str, ...] = (),
+                 database: Path | None = None) -> None:
         self.tmp_path, self.tls, self.supernode_auth = tmp_path, tls, supernode_auth
+        self.supernode_program, self.supernode_args, self.database = supernode_program, supernode_args, database
         self.link = free_ports(1)[0]
         self.logs = tmp_path / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -42,7 +49,7 @@ class Loopback:
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     # a SuperNode's SuperExec looks for messages to start a ClientApp for every 1 s by default
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
         self.procs: list[subprocess.Popen] = []
 
     def _security(self, *, server: bool) -> list[str]:
@@ -62,7 +69,7 @@ class Loopback:
     def start_superlink(self) -> None:
         proc = self._start("superlink", [
             BIN / "flower-superlink", *self._security(server=True), "--isolation", "subprocess", "--host", "127.0.0.1",
-            "--port", str(self.link), "--database", str(self.tmp_path / "link.db"),
+            "--port", str(self.link), *(["--database", str(self.database)] if self.database else []),
             *(["--enable-supernode-auth"] if self.supernode_auth else [])])
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -76,7 +83,8 @@ class Loopback:
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> subprocess.Popen:
         return self._start(name, [
-            BIN / "flower-supernode", *self._security(server=False), "--superlink", f"127.0.0.1:{self.link}",
+            BIN / self.supernode_program, *self.supernode_args, *self._security(server=False),
+            "--superlink", f"127.0.0.1:{self.link}",
             "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_ports(1)[0]),
             *(["--auth-supernode-private-key", str(private_key)] if private_key else [])])
 

@@ -1,7 +1,9 @@
-"""A real deployment on loopback: flower-superlink + 3 flower-supernode processes + `flwr run`.
+"""A real deployment on loopback: flower-superlink + 3 SuperNode processes + `flwr run`.
 
-Every message runs in a fresh `flwr-clientapp` process there, which hands it to the node's warm
-worker (started on demand); the result must equal the in-process run of the same config and seed.
+Both ways a node stays warm must equal the in-process run of the same config and seed:
+- `deca-flower-supernode`: the node's ClientApp runs in its SuperExec, the task runner;
+- Flower's `flower-supernode`: every message runs in a fresh `flwr-clientapp` process, which hands
+  it to the node's warm worker (started on demand).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from tests.test_flower_matches_reference import flower_run
 
 
 @pytest.mark.deployment
-def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path):
-    federation = Loopback(tmp_path)
+@pytest.mark.parametrize("supernode_program", ["deca-flower-supernode", "flower-supernode"])
+def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode_program):
+    federation = Loopback(tmp_path, supernode_program=supernode_program)
     federation.start_superlink()
     for pid in range(3):
         federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3 "
@@ -36,7 +39,12 @@ def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path):
         for pid_file in tmp_path.glob("w*.pid"):  # the warm workers
             os.kill(int(pid_file.read_text()), 15)
         federation.stop()
-    assert all("listening" in (tmp_path / f"w{pid}.log").read_text() for pid in range(3))  # warm workers served
+    per_message = [federation.log(f"supernode{pid}").count("Start `flwr-clientapp` process") for pid in range(3)]
+    if supernode_program == "deca-flower-supernode":  # the task runner ran every message itself
+        assert per_message == [0, 0, 0] and not list(tmp_path.glob("w*.log"))
+    else:  # a flwr-clientapp process per message, served by the warm workers
+        assert min(per_message) > 5
+        assert all("listening" in (tmp_path / f"w{pid}.log").read_text() for pid in range(3))
     deployed = json.loads((tmp_path / "runs" / "deployed" / "summary.json").read_text())
     summary, _, in_process = flower_run(cfg.replace(state_dir=str(tmp_path / "in-process-nodes"), run_name="local"))
     assert deployed["final"]["accuracy_per_node"] == pytest.approx(summary["final"]["accuracy_per_node"])

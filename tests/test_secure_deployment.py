@@ -53,7 +53,8 @@ def write_node_key(folder, name):
 
 @pytest.mark.deployment
 def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_path):
-    federation = Loopback(tmp_path, tls=write_tls(tmp_path / "tls"), supernode_auth=True)
+    federation = Loopback(tmp_path, tls=write_tls(tmp_path / "tls"), supernode_auth=True,
+                          supernode_program="flower-supernode")  # Flower's own SuperNode works too
     keys = tmp_path / "keys"
     keys.mkdir()
     try:

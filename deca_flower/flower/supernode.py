@@ -1,0 +1,115 @@
+"""`deca-flower-supernode`: Flower's `flower-supernode`, polling the SuperLink without fixed 3 s naps.
+
+Flower 1.41's SuperNode loop (flwr/supernode/start_client_internal.py) sleeps a fixed 3 s each
+time the SuperLink has no message for it and 0.5 s between checks for its ClientApp's reply,
+and neither is configurable. DECA sends each node one message per inner step, so a node waits
+~3 s per step for nothing. This command runs the very same `flower-supernode` (same flags) with
+every sleep of that polling loop capped at `--poll-interval-s` (default 0.25 s): the node asks
+the SuperLink more often, nothing else changes.
+
+It also starts deca_flower's task runner (flower/task_runner.py) as the SuperNode's SuperExec,
+in place of `flower-superexec`: the ClientApp then runs in one warm process instead of a new
+`flwr-clientapp` process per message (`--task-runner per-message` keeps Flower's way), and the
+runner is started again if it dies.
+
+    deca-flower-supernode --poll-interval-s 0.25 --insecure --superlink 127.0.0.1:9092 --node-config "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import threading
+import time
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL_S = 0.25
+RESTART_PAUSE_S = 1.0
+QUICK_EXIT_S = 10.0  # a runner that dies this soon after starting, twice running, is not restarted again
+
+
+class CappedSleep:
+    """Stands in for the `time` module inside one Flower module: `sleep` waits at most `cap_s`."""
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap_s))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def cap_polling_sleeps(loop_module: ModuleType, cap_s: float) -> bool:
+    """Cap the sleeps of Flower's SuperNode polling loop; False (and unchanged) if it is not as expected."""
+    if getattr(loop_module, "time", None) is not time:
+        return False
+    loop_module.time = CappedSleep(cap_s)
+    return True
+
+
+class TaskRunnerLauncher:
+    """Stands in for `subprocess` inside Flower's SuperNode module: its SuperExec becomes the task runner."""
+
+    def Popen(self, command, *args, **kwargs):  # noqa: N802 (the name Flower calls)
+        if not command or command[0] != "flower-superexec":
+            return subprocess.Popen(command, *args, **kwargs)
+        command = [sys.executable, "-m", "deca_flower.flower.task_runner", *command[1:]]
+        process = subprocess.Popen(command, *args, **kwargs)
+        threading.Thread(target=self._keep_running, args=(process, command, args, kwargs), daemon=True).start()
+        return process
+
+    @staticmethod
+    def _keep_running(process: subprocess.Popen, command: list[str], args: tuple, kwargs: dict) -> None:
+        quick_exits = 0
+        while True:
+            started = time.monotonic()
+            code = process.wait()
+            quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT_S else 0
+            if quick_exits >= 2:
+                log.error("the task runner exited with %s twice within %.0fs of starting: not restarting it "
+                          "(its output is in this SuperNode's log)", code, QUICK_EXIT_S)
+                return
+            log.warning("the task runner exited with %s: starting a new one (it restores the node from disk)", code)
+            time.sleep(RESTART_PAUSE_S)
+            process = subprocess.Popen(command, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deca-flower-supernode", add_help=False,
+                                     description="flower-supernode (all its flags, below) with shorter polling waits")
+    parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S,
+                        help=f"longest wait between polls of the SuperLink and the ClientApp (default {DEFAULT_POLL_INTERVAL_S})")
+    parser.add_argument("--task-runner", choices=("in-process", "per-message"), default="in-process",
+                        help="in-process: the ClientApp runs in one warm SuperExec process (default); "
+                             "per-message: Flower's flwr-clientapp process per message")
+    args, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.poll_interval_s <= 0:
+        parser.error(f"--poll-interval-s must be > 0, got {args.poll_interval_s}")
+    if {"-h", "--help"} & set(flower_args):
+        print(parser.format_help())  # then flower-supernode prints its own flags and exits
+
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli import flower_supernode
+
+    if not cap_polling_sleeps(start_client_internal, args.poll_interval_s):
+        log.warning("this Flower's SuperNode loop does not use `time` as 1.41 does; polling waits left as they are")
+    if args.task_runner == "in-process":
+        if getattr(start_client_internal, "subprocess", None) is subprocess:
+            start_client_internal.subprocess = TaskRunnerLauncher()
+        else:
+            log.warning("this Flower's SuperNode does not start its SuperExec as 1.41 does: per-message ClientApps")
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
