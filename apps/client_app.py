@@ -1,8 +1,9 @@
 """ClientApp: the gossip mod mixes neighbours' blocks (+BMA); handlers step, evaluate, answer queries.
 
-Under the deployment engine every message gets a fresh process, so the first mod hands the
-message to the node's warm worker (deca_flower/flower/worker.py) and this module imports torch
-only when a handler actually runs here (simulation, or inside the worker).
+Under Flower's own flower-supernode every message gets a fresh process, so the first mod hands
+the message to the node's warm worker (deca_flower/flower/worker.py) and this module imports
+torch only when a handler actually runs here (simulation, the worker, or the warm task runner
+that deca-flower-supernode uses instead of a process per message).
 """
 
 from __future__ import annotations

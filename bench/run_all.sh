@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Run every benchmark and write bench/RESULTS.md from their printed output (nothing typed by hand).
+# Run every benchmark and write their printed output, nothing typed by hand, to bench/latest_run.md.
+# bench/RESULTS.md quotes these outputs with what they mean and what changed between sessions.
 #   bash bench/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=bench/RESULTS.md
+out=bench/latest_run.md
 {
   echo "# Benchmarks"
   echo
@@ -48,9 +49,10 @@ out=bench/RESULTS.md
   echo "is serialised to protobuf, passed through the SuperLink and handed to a Ray actor (~250 MB per"
   echo "node-step here); bench/engine_overhead.py splits each step into compute and overhead."
   echo
-  echo "## Engine overhead: simulation vs deployment (warm workers)"
+  echo "## Engine overhead: simulation vs deployment"
   echo '```'
   python bench/engine_overhead.py 2>/dev/null
+  python bench/engine_overhead.py --variants 2>/dev/null
   echo '```'
   echo
   echo "## Plan vs finished runs (whole-run bytes and peak optimizer+grad memory per node)"

@@ -42,7 +42,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     ratios = []
     for block in (blocks[0], blocks[len(blocks) // 2], blocks[-1]):
-        half = rk.block_to_record({n: torch.zeros(shapes[n]) for n in block.param_names})
+        tensors = {n: torch.zeros(shapes[n]) for n in block.param_names}
+        half = rk.block_to_record(tensors)
         node = max(range(cfg.num_nodes), key=lambda i: len(neighbours(weights, i)))
         nbrs = neighbours(weights, node)
         content = RecordDict({rk.CONFIG: ConfigRecord(cfg.to_run_config()),
@@ -52,7 +53,7 @@ def main() -> None:
             content[f"{rk.NEIGHBOUR_PREFIX}{j}"] = half
             mixing[f"{rk.NEIGHBOUR_PREFIX}{j}"] = w
         content[rk.WEIGHTS] = ConfigRecord(mixing)
-        payload = rk.record_bytes(half) * len(nbrs)
+        payload = sum(t.numel() * t.element_size() for t in tensors.values()) * len(nbrs)  # the tensors alone
         wire = recorddict_to_proto(content).ByteSize()
         ratios.append(wire / payload)
         print(f"| {block.name} | {sum(shapes[n].numel() for n in block.param_names):,} | {len(nbrs)} | {payload:,} "

@@ -1,4 +1,4 @@
-"""`deca-flower-supernode`: Flower's `flower-supernode`, polling the SuperLink without fixed 3 s naps.
+"""`deca-flower-supernode`: Flower's `flower-supernode` without its fixed polling naps, with a warm task runner.
 
 Flower 1.41's SuperNode loop (flwr/supernode/start_client_internal.py) sleeps a fixed 3 s each
 time the SuperLink has no message for it and 0.5 s between checks for its ClientApp's reply,
@@ -56,10 +56,13 @@ def cap_polling_sleeps(loop_module: ModuleType, cap_s: float) -> bool:
 class TaskRunnerLauncher:
     """Stands in for `subprocess` inside Flower's SuperNode module: its SuperExec becomes the task runner."""
 
+    def __init__(self, runner: tuple[str, ...] = (sys.executable, "-m", "deca_flower.flower.task_runner")) -> None:
+        self.runner = runner
+
     def Popen(self, command, *args, **kwargs):  # noqa: N802 (the name Flower calls)
         if not command or command[0] != "flower-superexec":
             return subprocess.Popen(command, *args, **kwargs)
-        command = [sys.executable, "-m", "deca_flower.flower.task_runner", *command[1:]]
+        command = [*self.runner, *command[1:]]  # same flags as flower-superexec
         process = subprocess.Popen(command, *args, **kwargs)
         threading.Thread(target=self._keep_running, args=(process, command, args, kwargs), daemon=True).start()
         return process

@@ -4,6 +4,8 @@ Flower's deployment engine starts a fresh `flwr-clientapp` process for every mes
 torch and the model there for every inner step would dominate the run. So the ClientApp's first
 mod forwards (message, context) over a Unix socket to this worker, which runs the very same
 ClientApp in-process, as a simulation actor does, and returns the reply and the updated context.
+(`deca-flower-supernode` has no per-message process: its task runner, flower/task_runner.py,
+runs the ClientApp itself; this worker serves Flower's plain `flower-supernode`.)
 
 - started on demand by the first message, one per partition id and app version;
 - a worker that died (or a request it could not finish) is replaced by a new one, which has

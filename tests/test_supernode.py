@@ -1,4 +1,4 @@
-"""deca-flower-supernode: Flower's SuperNode with its polling sleeps capped (the loopback tests run it for real)."""
+"""deca-flower-supernode: Flower's SuperNode with capped polling sleeps and the task runner (loopback tests run it for real)."""
 
 import time
 import types
@@ -40,3 +40,20 @@ def test_a_bad_poll_interval_is_refused(capsys):
         main(["--poll-interval-s", "0", "--insecure"])
     assert exit_info.value.code == 2
     assert "--poll-interval-s must be > 0" in capsys.readouterr().err
+
+
+def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_given_up(caplog):
+    import subprocess
+    import sys
+
+    from deca_flower.flower import supernode
+
+    launcher = supernode.TaskRunnerLauncher(runner=(sys.executable, "-c", "import sys; sys.exit(3)"))
+    other = launcher.Popen([sys.executable, "-c", "print('untouched')"], stdout=subprocess.PIPE)
+    assert other.communicate()[0].strip() == b"untouched"
+    first = launcher.Popen(["flower-superexec", "--insecure"])
+    assert first.args == [sys.executable, "-c", "import sys; sys.exit(3)", "--insecure"]
+    deadline = time.monotonic() + 10 + supernode.RESTART_PAUSE_S
+    while "not restarting it" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "starting a new one" in caplog.text and "exited with 3 twice" in caplog.text
