@@ -90,7 +90,8 @@ class InProcessExecutor(SubprocessExecutor):
                 push_task_output(client, context, status, details)
             except Exception:  # the SuperNode will see the task expire; this process keeps serving
                 log.exception("could not push the reply of task %d", spec.task_id)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
 
 
