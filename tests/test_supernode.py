@@ -1,11 +1,14 @@
 """deca-flower-supernode: Flower's SuperNode with capped polling sleeps and the task runner (loopback tests run it for real)."""
 
+import subprocess
+import sys
 import time
 import types
 from pathlib import Path
 
 import pytest
 
+from deca_flower.flower import supernode
 from deca_flower.flower.supernode import cap_polling_sleeps, main
 
 
@@ -43,11 +46,6 @@ def test_a_bad_poll_interval_is_refused(capsys):
 
 
 def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_given_up(caplog):
-    import subprocess
-    import sys
-
-    from deca_flower.flower import supernode
-
     launcher = supernode.TaskRunnerLauncher(runner=(sys.executable, "-c", "import sys; sys.exit(3)"))
     other = launcher.Popen([sys.executable, "-c", "print('untouched')"], stdout=subprocess.PIPE)
     assert other.communicate()[0].strip() == b"untouched"
