@@ -4,7 +4,9 @@ single-process reference doing the same math on the same config and seed.
     python bench/overhead.py [--run-config "..."]
 
 Both runs train all nodes on this machine; per inner step = training wall time / inner steps
-(the Flower figure comes from the run's metrics.jsonl, evaluation excluded).
+(the Flower figure comes from the run's metrics.jsonl, evaluation excluded). Each is split into
+the nodes' forward + backward + Adam time (`DecaNode.local_step`, summed over nodes: one actor
+runs them one after another) and the rest (mixing, checks, moving blocks).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from deca_flower.cli import parse_overrides
 from deca_flower.config import DecaConfig
+from deca_flower.core.node import DecaNode
 from deca_flower.reference_run import run_reference_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +33,7 @@ DEFAULT = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initia
            "eval-every-blocks=0")
 
 
-def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, int]:
+def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, float, int]:
     run_name = f"overhead-{int(time.time())}"
     results = Path(tempfile.mkdtemp())
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -39,7 +42,24 @@ def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, int]:
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
     records = [json.loads(line) for line in (results / run_name / "metrics.jsonl").read_text().splitlines()]
     visits = [r for r in records if r["kind"] == "visit"]
-    return visits[-1]["elapsed_s"] / visits[-1]["step"], visits[-1]["step"]
+    steps = visits[-1]["step"]
+    compute = sum(v["step_compute_sum_s"] * (v["step"] - prev["step"]) for prev, v in zip([{"step": 0}, *visits], visits))
+    return visits[-1]["elapsed_s"] / steps, compute / steps, steps
+
+
+def timed_local_steps() -> list[float]:
+    """Record the duration of every DecaNode.local_step in this process (the reference)."""
+    durations: list[float] = []
+    local_step = DecaNode.local_step
+
+    def timed(self: DecaNode):
+        tic = time.time()
+        result = local_step(self)
+        durations.append(time.time() - tic)
+        return result
+
+    DecaNode.local_step = timed
+    return durations
 
 
 def main() -> None:
@@ -49,11 +69,15 @@ def main() -> None:
     cfg = DecaConfig.from_run_config(parse_overrides(args.run_config))
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA {torch.cuda.is_available()}")
+    durations = timed_local_steps()
     reference = run_reference_job(cfg)
     ref_step = reference["train_s"] / reference["inner_steps"]
-    flower_step, steps = flower_per_step(args.run_config, cfg.num_nodes)
-    print(f"reference: {ref_step:.2f} s per inner step ({reference['inner_steps']} steps, {cfg.num_nodes} nodes)")
-    print(f"flwr run simulation: {flower_step:.2f} s per inner step ({steps} steps)")
+    ref_compute = sum(durations) / reference["inner_steps"]
+    flower_step, flower_compute, steps = flower_per_step(args.run_config, cfg.num_nodes)
+    print(f"reference: {ref_step:.2f} s per inner step = {ref_compute:.2f} s fwd+bwd+Adam (all nodes) + "
+          f"{ref_step - ref_compute:.2f} s rest ({reference['inner_steps']} steps, {cfg.num_nodes} nodes)")
+    print(f"flwr run simulation: {flower_step:.2f} s per inner step = {flower_compute:.2f} s fwd+bwd+Adam (all nodes) + "
+          f"{flower_step - flower_compute:.2f} s rest ({steps} steps)")
     print(f"overhead ratio: {flower_step / ref_step:.3f}")
 
 

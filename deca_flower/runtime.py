@@ -124,7 +124,7 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
     node = DecaNode(model, blocks, settings, sampler,
                     make_batch=lambda idx: task.collate(train, idx, device), loss_fn=task.loss)
     counts = np.bincount(train.labels, minlength=len(label_names)).tolist()
-    log.info("node %d ready on %s in %.1fs: %d train examples %s, %d blocks",
-             partition_id, device, time.time() - start, len(train), counts, len(blocks))
+    log.info("node %d ready on %s (%d torch threads) in %.1fs: %d train examples %s, %d blocks",
+             partition_id, device, torch.get_num_threads(), time.time() - start, len(train), counts, len(blocks))
     return NodeRuntime(cfg, partition_id, device, task, train, test, node, counts, steps_per_visit, label_names,
                        data_path or "")

@@ -5,6 +5,7 @@ Flower 1.41 serves Fleet, Control and ServerAppIo on one HTTP port per SuperLink
 `supernode_auth` the SuperLink only admits SuperNodes whose public key was registered. The
 SuperLink keeps its state in memory (Flower's default) unless given a `database` file, where it
 writes every message's blocks to SQLite (slow for large blocks: bench/RESULTS.md).
+With `simulation` the SuperLink runs the simulation engine (no SuperNodes to start).
 SuperNodes run `supernode_program` (+ `supernode_args`): `deca-flower-supernode` (no fixed 3 s
 polling naps; the ClientApp runs in its warm task runner) or Flower's own `flower-supernode`.
 """
@@ -35,8 +36,8 @@ def free_ports(n: int) -> list[int]:
 class Loopback:
     def __init__(self, tmp_path: Path, *, tls: Path | None = None, supernode_auth: bool = False,
                  supernode_program: str = "deca-flower-supernode", supernode_args: tuple[str, ...] = (),
-                 database: Path | None = None) -> None:
-        self.tmp_path, self.tls, self.supernode_auth = tmp_path, tls, supernode_auth
+                 database: Path | None = None, simulation: bool = False) -> None:
+        self.tmp_path, self.tls, self.supernode_auth, self.simulation = tmp_path, tls, supernode_auth, simulation
         self.supernode_program, self.supernode_args, self.database = supernode_program, supernode_args, database
         self.link = free_ports(1)[0]
         self.logs = tmp_path / "logs"
@@ -70,7 +71,8 @@ class Loopback:
         proc = self._start("superlink", [
             BIN / "flower-superlink", *self._security(server=True), "--isolation", "subprocess", "--host", "127.0.0.1",
             "--port", str(self.link), *(["--database", str(self.database)] if self.database else []),
-            *(["--enable-supernode-auth"] if self.supernode_auth else [])])
+            *(["--enable-supernode-auth"] if self.supernode_auth else []),
+            *(["--simulation"] if self.simulation else [])])
         deadline = time.time() + 120
         while time.time() < deadline:
             if proc.poll() is not None:
