@@ -28,6 +28,7 @@ from deca_flower.core.schedule import build_schedule
 from deca_flower.core.topology import metropolis_hastings, neighbours
 from deca_flower.flower import records as rk
 from deca_flower.flower.client import BAD_NEIGHBOUR_BLOCK
+from deca_flower.flower.relay import confirm_after_push
 from deca_flower.results import RunWriter, mean_std
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     Grid.send_and_receive does the same with a fixed pause between pulls that would add half of
     it to every inner step on average."""
     pending = set(grid.push_messages(messages))
+    confirm_after_push(grid)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
