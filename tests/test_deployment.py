@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.loopback import ROOT, Loopback
+from tests.loopback import BIN, ROOT, Loopback
 from tests.test_flower_matches_reference import flower_run
 
 
@@ -55,3 +59,59 @@ def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode
         for file in files:
             for name, value in load_file(file).items():
                 torch.testing.assert_close(value, params[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+def _task_runner_of(supernode_pid: int) -> int:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == supernode_pid and b"deca_flower.flower.task_runner" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no task runner under SuperNode process {supernode_pid}")
+
+
+@pytest.mark.deployment
+def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
+    """SIGKILL one node's task runner mid-run; the SuperNode starts a new one. If the runner was in
+    the middle of a message, Flower answers it with "ClientApp stopped responding" once the task's
+    heartbeat expires (~1 min): the coordinator drops the node, goes on, and the node rejoins at
+    the next block boundary. If it was between messages, the new runner restores the node from
+    disk (state-sync='step') and it misses nothing. Either way all three nodes finish."""
+    federation = Loopback(tmp_path)
+    federation.start_superlink()
+    supernodes = [federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3")
+                  for pid in range(3)]
+    runs = tmp_path / "runs"
+    overrides = (f"model='tiny-random' num-nodes=3 topology='ring' steps-per-block=3 rounds=2 batch-size=2 "
+                 f"max-text-tokens=16 eval-samples=20 eval-batch-size=10 eval-every-blocks=0 eval-initial=false "
+                 f"state-sync='step' rejoin-probe-s=20 run-name='crash' results-dir='{runs}' "
+                 f"state-dir='{tmp_path / 'nodes'}'")
+    run = subprocess.Popen([BIN / "flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", overrides],
+                           env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = runs / "crash" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and '"kind": "visit"' in metrics.read_text()):
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first visit"
+            time.sleep(0.5)
+        os.kill(_task_runner_of(supernodes[2].pid), signal.SIGKILL)
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
+    finally:
+        run.kill()
+        federation.stop()
+    assert "the task runner exited with -9: starting a new one" in federation.log("supernode2")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    dropouts = [r for r in records if r["kind"] == "dropout"]
+    if dropouts:
+        (dropout,) = dropouts
+        assert dropout["node"] == 2 and "stopped responding" in dropout["reason"]
+        (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
+        assert rejoin["node"] == 2 and rejoin["step"] >= dropout["step"]
+    else:
+        assert "node 2 restored from" in federation.log("supernode2")
+    summary = json.loads((runs / "crash" / "summary.json").read_text())
+    assert summary["dropped_nodes"] == {} and len(summary["final"]["accuracy_per_node"]) == 3
