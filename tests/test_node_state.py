@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from deca_flower.flower import state
 from tests.test_bad_input import started_coordinator
@@ -36,3 +37,29 @@ def test_block_sync_refuses_a_mid_block_restart_clearly(tiny_cfg, tmp_path):
         run_steps(cfg, tmp_path, {1})
     # after a mix-only message (evaluation points, the end) nothing is pending: a restart is fine
     run_steps(cfg.replace(state_dir=str(tmp_path / "c")), tmp_path, {3, 6})
+
+
+def _context(generation: int) -> Context:
+    record = RecordDict({state.STATE_RECORD: ConfigRecord({"generation": generation})} if generation else {})
+    return Context(run_id=1, node_id=7, node_config={}, state=record, run_config={})
+
+
+def test_a_process_that_died_before_its_reply_is_restored_from_its_newer_disk_state(tiny_cfg, tmp_path):
+    """The node saved its state after a message, then died before the reply (which carries the
+    updated context) left: its SuperNode still holds the context of one message earlier."""
+    state._WARM.clear()
+    cfg = tiny_cfg.replace(state_sync="step", state_dir=str(tmp_path / "nodes"))
+    runtime = state.get_runtime(_context(0), cfg, 0)
+    runtime.node.start_block(1)
+    for generation in range(3):
+        runtime.node.local_step()
+        state.commit(_context(generation), runtime)  # on disk: generation + 1
+    saved = {name: p.detach().clone() for name, p in runtime.node.model.named_parameters()}
+    state._WARM.clear()
+    restored = state.get_runtime(_context(2), cfg, 0)  # the reply of message 3 was lost
+    assert restored.generation == 3
+    for name, p in restored.node.model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    state._WARM.clear()
+    with pytest.raises(state.StateLost, match="on disk: 3"):  # two behind: not a lost reply
+        state.get_runtime(_context(1), cfg, 0)

@@ -150,7 +150,9 @@ def _restore(runtime: NodeRuntime, generation: int) -> None:
     folder = node_dir(runtime.cfg, runtime.partition_id)
     position_file = folder / "position.json"
     position = json.loads(position_file.read_text()) if position_file.is_file() else {}
-    if position.get("generation") != generation or not position.get("synced"):
+    # one ahead: the process saved its state, then died before its reply (and the context that
+    # rides with it) got out. The coordinator never saw that message, so the disk is the truth.
+    if position.get("generation") not in (generation, generation + 1) or not position.get("synced"):
         raise StateLost(
             f"node {runtime.partition_id}: state at generation {generation} is not in this process and "
             f"not on disk under {folder} (on disk: {position.get('generation')}). Several simulation "
@@ -165,8 +167,9 @@ def _restore(runtime: NodeRuntime, generation: int) -> None:
                 params[name].copy_(saved[f"w.{name}"])
         runtime.node.start_block(position["active"])
         runtime.node.optimizer.load_state_tensors({k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
-    runtime.generation = generation
-    log.info("node %d restored from %s at generation %d", runtime.partition_id, folder, generation)
+    runtime.generation = position["generation"]
+    log.info("node %d restored from %s at generation %d (its context: %d)", runtime.partition_id, folder,
+             runtime.generation, generation)
 
 
 def _drop_other_runs(run_id: int) -> None:
