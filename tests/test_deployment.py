@@ -73,23 +73,9 @@ def _task_runner_of(supernode_pid: int) -> int:
     raise AssertionError(f"no task runner under SuperNode process {supernode_pid}")
 
 
-def _kill_while_busy(pid: int, within_s: float = 30) -> None:
-    """SIGKILL once the process burns CPU (most likely inside a message), or after `within_s`."""
-    stat = Path(f"/proc/{pid}/stat")
-    cpu_ticks = lambda: sum(int(v) for v in stat.read_text().rsplit(")", 1)[1].split()[11:13])  # noqa: E731
-    before, deadline = cpu_ticks(), time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        time.sleep(0.01)
-        now = cpu_ticks()
-        if now - before >= 2:
-            break
-        before = now
-    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.deployment
 def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
-    """SIGKILL one node's task runner mid-run, while it computes; the SuperNode starts a new one. If it was in
+    """SIGKILL one node's task runner mid-run; the SuperNode starts a new one. If the runner was in
     the middle of a message, Flower answers it with "ClientApp stopped responding" once the task's
     heartbeat expires (~1 min): the coordinator drops the node, goes on, and the node rejoins at
     the next block boundary. If it was between messages, the new runner restores the node from
@@ -111,9 +97,10 @@ def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
         while not (metrics.exists() and '"kind": "visit"' in metrics.read_text()):
             assert run.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first visit"
             time.sleep(0.5)
-        _kill_while_busy(_task_runner_of(supernodes[2].pid))
+        os.kill(_task_runner_of(supernodes[2].pid), signal.SIGKILL)
         output, _ = run.communicate(timeout=600)
-        assert run.returncode == 0, output[-3000:]
+        # `flwr run --stream` exits 0 even when the ServerApp fails: the summary says it finished
+        assert run.returncode == 0 and (runs / "crash" / "summary.json").exists(), output[-5000:]
     finally:
         run.kill()
         federation.stop()
