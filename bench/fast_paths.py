@@ -8,6 +8,9 @@
    per-tensor loop (foreach=False) (core/optimizer.py).
 3. Blocks on the wire: raw bytes in the block's dtype (records.py) versus numpy's np.save
    serialisation that Array(ndarray) uses (header per tensor) and an fp32 upcast of bf16.
+4. A block through a node, each inner step: packing it (the payload is the packed buffer itself
+   versus a bytes-subclass copy of it, as until session 6) and checking two neighbour blocks for
+   NaN/Inf (one sum per tensor versus an isfinite mask) (records.py, core/gossip.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 from flwr.app import Array
 
 from deca_flower.config import DecaConfig
-from deca_flower.flower.records import block_to_record, record_bytes
+from deca_flower.core.gossip import check_block
+from deca_flower.flower.records import PACKED_KEY, block_to_record, record_bytes
 from deca_flower.runtime import build_runtime
 
 
@@ -68,6 +72,19 @@ def main() -> None:
     npy = sum(len(Array(t.numpy()).data) for t in tensors.values())
     bf16 = record_bytes(block_to_record({n: t.to(torch.bfloat16) for n, t in tensors.items()}))
     print(f"block bytes: raw {raw:,}; np.save {npy:,} (+{npy - raw} header bytes); bf16 raw {bf16:,} vs fp32 upcast {raw:,}")
+
+    class BytesPayload(bytes):  # session 5's payload: a bytes subclass (so pickling could move it out of band)
+        pass
+
+    as_view = best_of(lambda: block_to_record(tensors))
+    as_copy = best_of(lambda: BytesPayload(memoryview(block_to_record(tensors)[PACKED_KEY].data)))
+    print(f"pack {block.name}: payload = the packed buffer {as_view:.4f} s; + a bytes-subclass copy {as_copy:.4f} s")
+    neighbours = [{n: t + 1e-3 * torch.randn_like(t) for n, t in tensors.items()} for _ in range(2)]
+    masks = best_of(lambda: [bool(torch.isfinite(t).all()) for b in neighbours for t in b.values()])
+    sums = best_of(lambda: [bool(torch.isfinite(t.sum())) for b in neighbours for t in b.values()])
+    checked = best_of(lambda: [check_block(b, tensors, "neighbour", 0.5) for b in neighbours])
+    print(f"NaN/Inf check of 2 neighbour blocks: isfinite mask {masks:.4f} s, one sum per tensor {sums:.4f} s; "
+          f"check_block (names, shapes, dtypes, finite, max-block-deviation=0.5) {checked:.4f} s")
 
 
 if __name__ == "__main__":

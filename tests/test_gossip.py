@@ -27,6 +27,7 @@ EXPECTED = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
 @pytest.mark.parametrize(("received", "message"), [
     ({"a": torch.zeros(2, 3), "b": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, "NaN or Inf"),
     ({"a": torch.zeros(2, 3), "b": torch.tensor([0.0, float("inf"), 0.0, 0.0])}, "NaN or Inf"),
+    ({"a": torch.zeros(2, 3), "b": torch.tensor([float("inf"), float("-inf"), 0.0, 0.0])}, "NaN or Inf"),
     ({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, "shape"),
     ({"a": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(4)}, "dtype"),
     ({"a": torch.zeros(2, 3)}, "missing"),
@@ -36,6 +37,14 @@ def test_bad_neighbour_blocks_are_rejected_with_the_sender_named(received, messa
     with pytest.raises(BlockError, match=message) as info:
         check_block(received, EXPECTED, "node 5")
     assert "node 5" in str(info.value)
+
+
+def test_finite_blocks_whose_sum_overflows_are_not_mistaken_for_inf():
+    huge = torch.full((4,), 3e38)  # finite, but the sum of the elements overflows float32
+    assert not torch.isfinite(huge.sum())
+    check_block({"a": torch.zeros(2, 3), "b": huge}, EXPECTED, "node 5")
+    with pytest.raises(BlockError, match="NaN or Inf"):
+        check_block({"a": torch.zeros(2, 3), "b": torch.tensor([3e38, 3e38, float("nan"), 0.0])}, EXPECTED, "node 5")
 
 
 def test_nodes_that_agree_stay_exactly_agreed_with_thirds():

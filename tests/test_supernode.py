@@ -9,16 +9,20 @@ from pathlib import Path
 import pytest
 
 from deca_flower.flower import supernode
-from deca_flower.flower.supernode import cap_polling_sleeps, main
+from deca_flower.flower.supernode import LOCAL_WAIT_S, cap_polling_sleeps, main
 
 
-def test_sleeps_are_capped_and_the_rest_of_time_is_untouched():
+def test_sleeps_are_capped_and_the_rest_of_time_is_untouched(monkeypatch):
     loop = types.ModuleType("loop")
     loop.time = time
-    assert cap_polling_sleeps(loop, 0.01)
+    assert cap_polling_sleeps(loop, 0.3)
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    for seconds in (3, 0.5, 0.2, 0.001):  # Flower's idle poll of the SuperLink, then its waits on local state
+        loop.time.sleep(seconds)
+    assert slept == [0.3, LOCAL_WAIT_S, LOCAL_WAIT_S, 0.001]
+    monkeypatch.undo()
     start = time.monotonic()
-    loop.time.sleep(3)
-    assert time.monotonic() - start < 1.0
     assert loop.time.monotonic() >= start and loop.time.time() == pytest.approx(time.time(), abs=1.0)
 
 
@@ -36,6 +40,7 @@ def test_the_pinned_flower_polls_with_time_sleep_in_the_patched_module():
     assert start_client_internal.time is time
     source = Path(start_client_internal.__file__).read_text()
     assert "time.sleep(3)" in source  # the idle wait this command shortens
+    assert "time.sleep(0.5)" in source  # the waits on local state, capped at LOCAL_WAIT_S
 
 
 def test_a_bad_poll_interval_is_refused(capsys):

@@ -28,15 +28,20 @@ def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             raise BlockError(f"block from {sender}: '{name}' has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
         if got.dtype != ref.dtype:
             raise BlockError(f"block from {sender}: '{name}' has dtype {got.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(got).all():
+        if not _all_finite(got):
             raise BlockError(f"block from {sender}: '{name}' contains NaN or Inf")
     if max_deviation > 0:  # neighbours agree to within a few percent; a far-off block is an attack or a bug
         own = math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in expected.values()))
-        gap = math.sqrt(sum(float(torch.linalg.vector_norm(received[n].float() - t.float())) ** 2
-                            for n, t in expected.items()))
+        gap = math.sqrt(sum(float(torch.dist(received[n].float(), t.float())) ** 2 for n, t in expected.items()))
         if gap > max_deviation * max(own, 1e-12):
             raise BlockError(f"block from {sender} is {gap / max(own, 1e-12):.3g} x ||own block|| away "
                              f"(limit max-block-deviation={max_deviation})")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A sum is finite only if every element is (NaN and Inf never cancel out), and it is one pass
+    without a mask; only a sum that overflowed is checked element by element."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
@@ -47,8 +52,8 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
     total = self_weight + sum(w for w, _ in others)
     if not math.isclose(total, 1.0, abs_tol=1e-9):
         raise ValueError(f"mixing weights sum to {total}, not 1")
-    out = [t.double() * self_weight for t in own]
+    out = [t.double().mul_(self_weight) for t in own]
     for weight, tensors in others:
         for acc, t in zip(out, tensors):
-            acc.add_(t.to(device=acc.device, dtype=torch.float64), alpha=weight)
+            acc.add_(t.to(acc.device), alpha=weight)  # added in float64 without a float64 copy of t
     return [acc.float() for acc in out]

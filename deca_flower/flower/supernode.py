@@ -5,7 +5,8 @@ time the SuperLink has no message for it and 0.5 s between checks for its Client
 and neither is configurable. DECA sends each node one message per inner step, so a node waits
 ~3 s per step for nothing. This command runs the very same `flower-supernode` (same flags) with
 every sleep of that polling loop capped at `--poll-interval-s` (default 0.25 s): the node asks
-the SuperLink more often, nothing else changes.
+the SuperLink more often, nothing else changes. Its short waits (<= 0.5 s) look only at the
+SuperNode's own in-memory state (has the ClientApp replied?), so they are capped at 10 ms.
 
 It also starts deca_flower's task runner (flower/task_runner.py) as the SuperNode's SuperExec,
 in place of `flower-superexec`: the ClientApp then runs in one warm process instead of a new
@@ -29,17 +30,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 0.25
 RESTART_PAUSE_S = 1.0
+LOCAL_WAIT_S = 0.01  # cap of a wait on the SuperNode's own state: no request, so it may be short
 QUICK_EXIT_S = 10.0  # a runner that dies this soon after starting, twice running, is not restarted again
 
 
 class CappedSleep:
-    """Stands in for the `time` module inside one Flower module: `sleep` waits at most `cap_s`."""
+    """Stands in for the `time` module inside one Flower module: `sleep` waits at most `cap_s`, and
+    a wait of up to 0.5 s (Flower's on local state) at most LOCAL_WAIT_S."""
 
     def __init__(self, cap_s: float) -> None:
         self.cap_s = cap_s
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap_s))
+        time.sleep(min(seconds, self.cap_s, LOCAL_WAIT_S if seconds <= 0.5 else self.cap_s))
 
     def __getattr__(self, name: str):
         return getattr(time, name)

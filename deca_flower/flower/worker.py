@@ -101,6 +101,16 @@ def forward(msg: Message, context: Context, path: Path) -> Message:
     return message_from_proto(message_proto)
 
 
+def _with_bytes_payloads(message: Message) -> Message:
+    """Protobuf takes only bytes, and a packed block's payload is a numpy view (flower/records.py)."""
+    if message.has_content():
+        for record in message.content.array_records.values():
+            for array in record.values():
+                if not isinstance(array.data, bytes):
+                    array.data = bytes(array.data)
+    return message
+
+
 def _start(path: Path, idle_s: float) -> socket.socket:
     """Start the worker unless another message's process just did; return a connection to it."""
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -188,7 +198,7 @@ def serve(path: Path, idle_s: float) -> None:
                     context = context_from_proto(context_proto)
                     reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
                                     reply_to=message)
-                _send(conn, [message_to_proto(reply).SerializeToString(),
+                _send(conn, [message_to_proto(_with_bytes_payloads(reply)).SerializeToString(),
                              context_to_proto(context).SerializeToString()])
     finally:
         listener.close()
