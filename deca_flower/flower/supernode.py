@@ -42,7 +42,8 @@ class CappedSleep:
         self.cap_s = cap_s
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap_s, LOCAL_WAIT_S if seconds <= 0.5 else self.cap_s))
+        cap = min(self.cap_s, LOCAL_WAIT_S) if seconds <= 0.5 else self.cap_s
+        time.sleep(min(seconds, cap))
 
     def __getattr__(self, name: str):
         return getattr(time, name)
