@@ -73,6 +73,59 @@ def _task_runner_of(supernode_pid: int) -> int:
     raise AssertionError(f"no task runner under SuperNode process {supernode_pid}")
 
 
+HOLD_HOOK = Path(__file__).parent / "hold_task_output"  # its sitecustomize.py holds a runner's task
+
+
+def _run_and_kill_a_task_runner(tmp_path: Path, *, rounds: int, hold_at_task: int = 0) -> tuple[list[dict], str]:
+    """A tiny job on 3 SuperNodes; SIGKILL node 2's task runner after the first visit, or (hold_at_task)
+    while it holds that task between its reply and its "task done". The ServerApp must finish with
+    all three nodes; returns the metrics records and node 2's SuperNode log."""
+    federation = Loopback(tmp_path)
+    federation.start_superlink()
+    supernodes = [federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3")
+                  for pid in range(2)]
+    held = tmp_path / "held"
+    plain_env = federation.env
+    if hold_at_task:
+        federation.env = {**plain_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(HOLD_HOOK), plain_env.get("PYTHONPATH")])),
+                          "DECA_TEST_HOLD_MARKER": str(held), "DECA_TEST_HOLD_AT_TASK": str(hold_at_task)}
+    supernodes.append(federation.start_supernode("supernode2", "partition-id=2 num-partitions=3"))
+    federation.env = plain_env
+    runs = tmp_path / "runs"
+    overrides = (f"model='tiny-random' num-nodes=3 topology='ring' steps-per-block=3 rounds={rounds} batch-size=2 "
+                 f"max-text-tokens=16 eval-samples=20 eval-batch-size=10 eval-every-blocks=0 eval-initial=false "
+                 f"state-sync='step' rejoin-probe-s=20 run-name='crash' results-dir='{runs}' "
+                 f"state-dir='{tmp_path / 'nodes'}'")
+    run = subprocess.Popen([BIN / "flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", overrides],
+                           env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = runs / "crash" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (held.exists() if hold_at_task else metrics.exists() and '"kind": "visit"' in metrics.read_text()):
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.2)
+        time.sleep(0.5 if hold_at_task else 0)  # the marker is written before the runner holds
+        os.kill(int(held.read_text()) if hold_at_task else _task_runner_of(supernodes[2].pid), signal.SIGKILL)
+        output, _ = run.communicate(timeout=600)
+        # `flwr run --stream` exits 0 even when the ServerApp fails: the summary says it finished
+        assert run.returncode == 0 and (runs / "crash" / "summary.json").exists(), output[-5000:]
+    finally:
+        run.kill()
+        federation.stop()
+    log = federation.log("supernode2")
+    assert "the task runner exited with -9: starting a new one" in log
+    summary = json.loads((runs / "crash" / "summary.json").read_text())
+    assert summary["dropped_nodes"] == {} and len(summary["final"]["accuracy_per_node"]) == 3
+    return [json.loads(line) for line in metrics.read_text().splitlines()], log
+
+
+def _dropped_and_rejoined(records: list[dict]) -> None:
+    (dropout,) = [r for r in records if r["kind"] == "dropout"]
+    assert dropout["node"] == 2 and "stopped responding" in dropout["reason"]
+    (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
+    assert rejoin["node"] == 2 and rejoin["step"] >= dropout["step"]
+
+
 @pytest.mark.deployment
 def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
     """SIGKILL one node's task runner mid-run; the SuperNode starts a new one. If the runner was in
@@ -80,39 +133,21 @@ def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
     heartbeat expires (~1 min): the coordinator drops the node, goes on, and the node rejoins at
     the next block boundary. If it was between messages, the new runner restores the node from
     disk (state-sync='step') and it misses nothing. Either way all three nodes finish."""
-    federation = Loopback(tmp_path)
-    federation.start_superlink()
-    supernodes = [federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3")
-                  for pid in range(3)]
-    runs = tmp_path / "runs"
-    overrides = (f"model='tiny-random' num-nodes=3 topology='ring' steps-per-block=3 rounds=2 batch-size=2 "
-                 f"max-text-tokens=16 eval-samples=20 eval-batch-size=10 eval-every-blocks=0 eval-initial=false "
-                 f"state-sync='step' rejoin-probe-s=20 run-name='crash' results-dir='{runs}' "
-                 f"state-dir='{tmp_path / 'nodes'}'")
-    run = subprocess.Popen([BIN / "flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", overrides],
-                           env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        metrics = runs / "crash" / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and '"kind": "visit"' in metrics.read_text()):
-            assert run.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first visit"
-            time.sleep(0.5)
-        os.kill(_task_runner_of(supernodes[2].pid), signal.SIGKILL)
-        output, _ = run.communicate(timeout=600)
-        # `flwr run --stream` exits 0 even when the ServerApp fails: the summary says it finished
-        assert run.returncode == 0 and (runs / "crash" / "summary.json").exists(), output[-5000:]
-    finally:
-        run.kill()
-        federation.stop()
-    assert "the task runner exited with -9: starting a new one" in federation.log("supernode2")
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    dropouts = [r for r in records if r["kind"] == "dropout"]
-    if dropouts:
-        (dropout,) = dropouts
-        assert dropout["node"] == 2 and "stopped responding" in dropout["reason"]
-        (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
-        assert rejoin["node"] == 2 and rejoin["step"] >= dropout["step"]
+    records, log = _run_and_kill_a_task_runner(tmp_path, rounds=2)
+    if any(r["kind"] == "dropout" for r in records):
+        _dropped_and_rejoined(records)
     else:
-        assert "node 2 restored from" in federation.log("supernode2")
-    summary = json.loads((runs / "crash" / "summary.json").read_text())
-    assert summary["dropped_nodes"] == {} and len(summary["final"]["accuracy_per_node"]) == 3
+        assert "node 2 restored from" in log
+
+
+@pytest.mark.deployment
+def test_a_runner_killed_between_its_reply_and_task_done_rejoins(tmp_path):
+    """The narrowest window: the runner's reply has left, its task is not reported done. The new
+    runner takes the disk state one message ahead of its context; when the dead task's heartbeat
+    expires (~1 min), Flower answers the node's open message with "ClientApp stopped responding",
+    so the new runner's own reply to it must be dropped (flower/supernode.py), or the SuperNode's
+    one-in-one-out loop stays a reply behind and the node never rejoins."""
+    records, log = _run_and_kill_a_task_runner(tmp_path, rounds=8, hold_at_task=5)
+    assert "restored from" in log and "at generation 4 (its context: 3)" in log
+    _dropped_and_rejoined(records)
+    assert "dropping a second reply to message" in log

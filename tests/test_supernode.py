@@ -60,3 +60,32 @@ def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_g
     while "not restarting it" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "starting a new one" in caplog.text and "exited with 3 twice" in caplog.text
+
+
+def test_a_second_reply_to_a_message_is_dropped_by_the_supernode_state():
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    class State(InMemoryNodeState):  # patched here, not Flower's class for the rest of the tests
+        pass
+
+    assert supernode.refuse_second_replies(State)
+    state = State(InMemoryObjectStore())
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    ask, gone = (Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=1, message_type="query") for i in (1, 2))
+    for message in (ask, gone):
+        message.metadata.__dict__["_message_id"] = message.object_id
+    state.store_message(ask)
+
+    def reply(to: Message, text: str) -> Message:
+        answer = Message(Error(ErrorCode.UNKNOWN, text), reply_to=to)
+        answer.metadata.__dict__["_message_id"] = answer.object_id
+        return answer
+
+    assert state.store_message(reply(ask, "first")) is not None   # e.g. "ClientApp stopped responding"
+    assert state.store_message(reply(ask, "second")) is None      # the restarted runner's, late
+    assert state.store_message(reply(gone, "to a message it no longer has")) is None
+    assert [m.error.reason for m in state.get_messages_legacy(is_reply=True)] == ["first"]

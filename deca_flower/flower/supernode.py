@@ -8,6 +8,12 @@ every sleep of that polling loop capped at `--poll-interval-s` (default 0.25 s):
 the SuperLink more often, nothing else changes. Its short waits (<= 0.5 s) look only at the
 SuperNode's own in-memory state (has the ClientApp replied?), so they are capped at 10 ms.
 
+A reply to a message that already has one is dropped: when a task's heartbeat expires (its
+process died), Flower's SuperNode answers every open message of the run on that node with
+"ClientApp stopped responding", including one a restarted runner is still working on; that
+runner's own reply then arrived second, and the SuperNode's loop (one message in, one reply out)
+sent it in place of the next reply and stayed one reply behind from then on.
+
 It also starts deca_flower's task runner (flower/task_runner.py) as the SuperNode's SuperExec,
 in place of `flower-superexec`: the ClientApp then runs in one warm process instead of a new
 `flwr-clientapp` process per message (`--task-runner per-message` keeps Flower's way), and the
@@ -19,6 +25,7 @@ runner is started again if it dies.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import subprocess
 import sys
@@ -54,6 +61,28 @@ def cap_polling_sleeps(loop_module: ModuleType, cap_s: float) -> bool:
     if getattr(loop_module, "time", None) is not time:
         return False
     loop_module.time = CappedSleep(cap_s)
+    return True
+
+
+def refuse_second_replies(state_class: type) -> bool:
+    """Make `state_class.store_message` drop a reply whose message is answered or gone; False (and
+    unchanged) if the class does not keep messages as Flower 1.41's InMemoryNodeState does."""
+    init = inspect.getsource(state_class.__init__)
+    if "self.msg_store" not in init or "self.lock_msg_store = RLock()" not in init:
+        return False
+    store_message = state_class.store_message
+
+    def store_first_reply(self, message):
+        reply_to = message.metadata.reply_to_message_id
+        with self.lock_msg_store:  # an RLock, held by Flower's callers too
+            if reply_to and (reply_to not in self.msg_store or any(
+                    entry.message.metadata.reply_to_message_id == reply_to for entry in self.msg_store.values())):
+                log.warning("dropping a second reply to message %s: it was answered already "
+                            "(\"ClientApp stopped responding\" after a task runner died)", reply_to)
+                return None
+            return store_message(self, message)
+
+    state_class.store_message = store_first_reply
     return True
 
 
@@ -106,9 +135,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     if not cap_polling_sleeps(start_client_internal, args.poll_interval_s):
         log.warning("this Flower's SuperNode loop does not use `time` as 1.41 does; polling waits left as they are")
+    if not refuse_second_replies(InMemoryNodeState):
+        log.warning("this Flower's SuperNode state is not 1.41's: a second reply to a message is not dropped")
     if args.task_runner == "in-process":
         if getattr(start_client_internal, "subprocess", None) is subprocess:
             start_client_internal.subprocess = TaskRunnerLauncher()
