@@ -143,11 +143,12 @@ def test_a_killed_task_runner_is_dropped_restarted_and_rejoins(tmp_path):
 @pytest.mark.deployment
 def test_a_runner_killed_between_its_reply_and_task_done_rejoins(tmp_path):
     """The narrowest window: the runner's reply has left, its task is not reported done. The new
-    runner takes the disk state one message ahead of its context; when the dead task's heartbeat
-    expires (~1 min), Flower answers the node's open message with "ClientApp stopped responding",
-    so the new runner's own reply to it must be dropped (flower/supernode.py), or the SuperNode's
-    one-in-one-out loop stays a reply behind and the node never rejoins."""
-    records, log = _run_and_kill_a_task_runner(tmp_path, rounds=8, hold_at_task=5)
+    runner takes the disk state one message ahead of its context. When the dead task's heartbeat
+    expires (the hook keeps a message open until then), Flower answers the node's open message with
+    "ClientApp stopped responding"; the new runner's own reply to it must be dropped
+    (flower/supernode.py), or the SuperNode's one-in-one-out loop stays a reply behind and the
+    node never rejoins."""
+    records, log = _run_and_kill_a_task_runner(tmp_path, rounds=3, hold_at_task=5)
     assert "restored from" in log and "at generation 4 (its context: 3)" in log
     _dropped_and_rejoined(records)
     assert "dropping a second reply to message" in log
