@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def main() -> None:
             print(f"deployment, {variant}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam "
                   f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)", flush=True)
         print(f"total {time.time() - start:.0f} s")
+        shutil.rmtree(out)  # the nodes' checkpoints, GBs; kept when a run failed
         return
     sim = simulation(overrides, args.nodes, out / "simulation")
     dep = deployment(overrides, args.nodes, out / "deployment")
@@ -125,6 +127,7 @@ def main() -> None:
               f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)")
     print(f"deployment / simulation per inner step: {dep['wall'] / sim['wall']:.3f} (goal <= 1.3); "
           f"overhead {dep['overhead']:.3f} s vs {sim['overhead']:.3f} s; total {time.time() - start:.0f} s")
+    shutil.rmtree(out)  # the nodes' checkpoints, GBs; kept when a run failed
 
 
 if __name__ == "__main__":
