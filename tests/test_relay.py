@@ -3,13 +3,20 @@ after the push that relays the blocks (deca_flower/flower/relay.py)."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message import remove_content_from_message
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import PullObjectResponse
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+from flwr.supercore.run import Run
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from deca_flower.flower import records as rk
-from deca_flower.flower.relay import HeldConfirmations, confirm_after_push
+from deca_flower.flower.relay import HeldConfirmations, RelayedArray, RelayError, confirm_after_push, pull_replies
 
 
 class RuntimeClient:
@@ -62,3 +69,81 @@ def test_superlink_store_needs_no_upload_of_a_relayed_block_while_its_reply_is_h
         if held:
             store.delete(reply.object_id)  # confirmed after the push: the relay message keeps the block
             assert all(store.get(i) for i in block_ids)
+
+
+class SuperLinkStub:
+    """The Runtime API calls `pull_replies` makes, served from Flower's own object store."""
+
+    def __init__(self, store: InMemoryObjectStore, replies: list[Message]) -> None:
+        self.store, self.replies, self.pulled, self.confirmed = store, replies, [], []
+
+    def PullMessages(self, request):  # noqa: N802
+        wanted = [m for m in self.replies if m.metadata.reply_to_message_id in request.message_ids]
+        return SimpleNamespace(messages_list=[message_to_proto(remove_content_from_message(m)) for m in wanted],
+                               message_object_trees=[get_object_tree(m) for m in wanted])
+
+    def PullObject(self, request):  # noqa: N802
+        self.pulled.append(request.object_id)
+        content = self.store.get(request.object_id)
+        return PullObjectResponse(object_found=bool(content), object_available=bool(content),
+                                  object_content=content or b"")
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        self.confirmed.append(request.message_object_id)
+
+
+def _reply_with_block(block: dict) -> Message:
+    metadata = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="a" * 64,
+                        group_id="", created_at=0.0, ttl=60.0, message_type=rk.TRAIN)
+    reply = Message(metadata=metadata, content=RecordDict({rk.HALF: rk.block_to_record(block),
+                                                           rk.METRICS: MetricRecord({"loss": 1.0})}))
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    return reply
+
+
+def test_replies_are_pulled_without_their_chunks_and_relayed_by_id(monkeypatch):
+    # Prepare: a reply whose block spans several chunks, on the SuperLink
+    monkeypatch.setattr("flwr.app.message.array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 4096)
+    block = {"w": torch.randn(3000), "b": torch.randn(7)}
+    reply = _reply_with_block(block)
+    store = InMemoryObjectStore()
+    _store(store, reply)
+    chunk_ids = {i for i, o in get_all_nested_objects(reply).items() if isinstance(o, ArrayChunk)}
+    assert len(chunk_ids) >= 3
+    grid = HttpGrid(token="t")
+    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+
+    # Execute
+    [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
+
+    # Assert: nothing of the block's bytes came down, yet the relay message names the same objects
+    assert not chunk_ids & set(grid._client.pulled)
+    assert grid._client.confirmed == [reply.object_id]
+    half = pulled.content[rk.HALF]
+    assert isinstance(half[rk.PACKED_KEY], RelayedArray)
+    assert rk.record_bytes(half) == rk.record_bytes(reply.content[rk.HALF])
+    relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": half, rk.CONFIG: ConfigRecord({"step": 1})})
+    assert half.object_id == reply.content[rk.HALF].object_id
+    to_upload = set(store.preregister(0, get_object_tree(relay)))
+    assert not to_upload & set(get_all_nested_objects(reply.content[rk.HALF]))
+    # reading the data fetches the chunks once, and they decode to the block
+    decoded = rk.record_to_block(half, "node 0")
+    assert chunk_ids <= set(grid._client.pulled)
+    assert all(torch.equal(decoded[k], block[k]) for k in block)
+
+
+def test_a_relayed_chunk_the_superlink_no_longer_holds_is_an_error():
+    reply = _reply_with_block({"w": torch.randn(64)})
+    store = InMemoryObjectStore()
+    _store(store, reply)
+    grid = HttpGrid(token="t")
+    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
+    store.delete(reply.object_id)  # confirmed too early: the SuperLink dropped the block
+    relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": pulled.content[rk.HALF]})
+    to_upload = get_all_nested_objects(relay)
+    with pytest.raises(RelayError, match="no longer holds"):
+        for object_id in store.preregister(0, get_object_tree(relay)):
+            to_upload[object_id].deflate()
+    with pytest.raises(RelayError, match="no longer on the SuperLink"):
+        rk.record_to_block(pulled.content[rk.HALF], "node 0")

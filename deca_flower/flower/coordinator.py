@@ -28,7 +28,7 @@ from deca_flower.core.schedule import build_schedule
 from deca_flower.core.topology import metropolis_hastings, neighbours
 from deca_flower.flower import records as rk
 from deca_flower.flower.client import BAD_NEIGHBOUR_BLOCK
-from deca_flower.flower.relay import confirm_after_push
+from deca_flower.flower.relay import confirm_after_push, pull_replies
 from deca_flower.results import RunWriter, mean_std
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        pulled = list(grid.pull_messages(pending))
+        pulled = pull_replies(grid, pending)
         replies += pulled
         pending -= {reply.metadata.reply_to_message_id for reply in pulled}
         if pending and time.monotonic() < deadline:

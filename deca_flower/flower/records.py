@@ -145,4 +145,5 @@ def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    return sum(memoryview(a.data).nbytes for a in record.values())
+    """Payload bytes, from the arrays' shapes (a relayed array's data is not on the ServerApp)."""
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
