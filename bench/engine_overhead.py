@@ -16,7 +16,11 @@ costs, from Flower's defaults to deca_flower's: the SuperLink's state in SQLite 
 or in memory; Flower's fixed polling naps or 0.25 s polls; a `flwr-clientapp` process per
 message (handing it to the warm worker) or the in-process task runner.
 
-    python bench/engine_overhead.py [--nodes 2] [--run-config "..."] [--variants]
+The deployment line is followed by what each kind of process used per inner step: CPU seconds
+(read from /proc every 0.5 s while the job runs, evaluation and model loading included) and
+peak RSS, for the SuperLink, the ServerApp, the SuperNodes and the nodes' task runners.
+
+    python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.loopback import Loopback  # noqa: E402
 
-DEFAULT = ("topology='complete' embeddings='frozen' layers-per-block=6 steps-per-block=4 eval-initial=false "
-           "eval-samples=8 eval-every-blocks=0")
+# the main job's blocks (embeddings + 15 x 2 layers; with 2 nodes the graph is one edge), fewer steps
+DEFAULT = "steps-per-block=4 eval-initial=false eval-samples=8 eval-every-blocks=0"
+# what sessions 2-6 measured: 6-layer blocks of 81 MiB, three times the default's
+LARGE_BLOCKS = ("topology='complete' embeddings='frozen' layers-per-block=6 steps-per-block=4 eval-initial=false "
+                "eval-samples=8 eval-every-blocks=0")
 
 
 def per_step(run_dir: Path, compute_key: str) -> dict[str, float]:
@@ -75,6 +83,47 @@ VARIANTS = {
 DECA_DEFAULT = list(VARIANTS)[-1]
 
 
+ROLES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernodes": "supernode",
+         "task runners": "task_runner"}  # what a process's command line contains
+
+
+class ProcessWatch(threading.Thread):
+    """Samples /proc while a job runs: CPU seconds and peak RSS of every process, by role."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.seen: dict[int, tuple[str, float, int]] = {}  # pid -> (role, cpu s, peak RSS bytes)
+        self.done = threading.Event()
+        # processes of an earlier job (a runner still exiting, a local simulation SuperLink) are not this job's
+        self.earlier = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+
+    def run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.done.wait(0.5):
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit() or int(proc.name) in self.earlier:
+                    continue
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    role = next((r for r, marker in ROLES.items() if marker in cmd), None)
+                    if role is None or "flwr run" in cmd:
+                        continue
+                    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                    peak = next(int(line.split()[1]) * 1024 for line in (proc / "status").read_text().splitlines()
+                                if line.startswith("VmHWM"))
+                except (OSError, StopIteration, ValueError):
+                    continue  # gone meanwhile, or a kernel thread
+                self.seen[int(proc.name)] = (role, (int(fields[11]) + int(fields[12])) / tick, peak)
+
+    def by_role(self) -> dict[str, tuple[float, int]]:
+        """Role -> (CPU seconds summed over its processes, largest peak RSS of one of them)."""
+        out: dict[str, tuple[float, int]] = {}
+        for role, cpu, peak in self.seen.values():
+            total, biggest = out.get(role, (0.0, 0))
+            out[role] = (total + cpu, max(biggest, peak))
+        return out
+
+
 def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAULT) -> dict[str, float]:
     out.mkdir(parents=True)
     database, (program, args), superexec_poll = VARIANTS[variant]
@@ -85,6 +134,8 @@ def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAUL
         federation.env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
     else:
         federation.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = superexec_poll
+    watch = ProcessWatch()
+    watch.start()
     try:
         federation.start_superlink()
         for pid in range(nodes):
@@ -98,15 +149,29 @@ def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAUL
         for pid_file in out.glob("w*.pid"):
             os.kill(int(pid_file.read_text()), 15)
         federation.stop()
-    return per_step(out / "deployed", "step_compute_s")
+        watch.done.set()
+    result = per_step(out / "deployed", "step_compute_s")
+    steps = json.loads((out / "deployed" / "summary.json").read_text())["inner_steps"]
+    for role, (cpu, peak) in watch.by_role().items():
+        result[f"{role} cpu_s"], result[f"{role} peak_rss"] = cpu / steps, peak
+    return result
+
+
+def print_processes(result: dict[str, float]) -> None:
+    print("  per inner step, CPU s / peak RSS of one process: " + ", ".join(
+        f"{role} {result[f'{role} cpu_s']:.2f} s / {result[f'{role} peak_rss'] / 2**30:.2f} GiB"
+        for role in ROLES if f"{role} cpu_s" in result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--run-config", default=DEFAULT)
+    parser.add_argument("--large-blocks", action="store_true", help="run-config LARGE_BLOCKS (6-layer blocks)")
     parser.add_argument("--variants", action="store_true", help="deployment only, once per setting in VARIANTS")
     args = parser.parse_args()
+    if args.large_blocks:
+        args.run_config = LARGE_BLOCKS
     overrides = f"num-nodes={args.nodes} {args.run_config}"
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; run-config: {overrides}")
@@ -117,6 +182,7 @@ def main() -> None:
             r = deployment(overrides, args.nodes, out / f"deployment{i}", variant)
             print(f"deployment, {variant}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam "
                   f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)", flush=True)
+            print_processes(r)
         print(f"total {time.time() - start:.0f} s")
         shutil.rmtree(out)  # the nodes' checkpoints, GBs; kept when a run failed
         return
@@ -125,6 +191,7 @@ def main() -> None:
     for name, r in (("simulation", sim), ("deployment", dep)):
         print(f"{name}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam (critical path) "
               f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)")
+    print_processes(dep)
     print(f"deployment / simulation per inner step: {dep['wall'] / sim['wall']:.3f} (goal <= 1.3); "
           f"overhead {dep['overhead']:.3f} s vs {sim['overhead']:.3f} s; total {time.time() - start:.0f} s")
     shutil.rmtree(out)  # the nodes' checkpoints, GBs; kept when a run failed

@@ -1,7 +1,7 @@
 """Framework overhead: wall time per inner step under `flwr run` (simulation engine) versus the
 single-process reference doing the same math on the same config and seed.
 
-    python bench/overhead.py [--run-config "..."]
+    python bench/overhead.py [--run-config "..." | --large-blocks]
 
 Both runs train all nodes on this machine; per inner step = training wall time / inner steps
 (the Flower figure comes from the run's metrics.jsonl, evaluation excluded). Each is split into
@@ -29,8 +29,11 @@ from deca_flower.core.node import DecaNode
 from deca_flower.reference_run import run_reference_job
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initial=false eval-samples=8 "
-           "eval-every-blocks=0")
+# the main job's nodes, graph and blocks (embeddings + 15 x 2 layers), fewer steps
+DEFAULT = "steps-per-block=2 eval-initial=false eval-samples=8 eval-every-blocks=0"
+# what sessions 2-6 measured: 6-layer blocks of 81 MiB, three times the default's
+LARGE_BLOCKS = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initial=false eval-samples=8 "
+                "eval-every-blocks=0")
 
 
 def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, float, int]:
@@ -65,7 +68,10 @@ def timed_local_steps() -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-config", default=DEFAULT)
+    parser.add_argument("--large-blocks", action="store_true", help="run-config LARGE_BLOCKS (6-layer blocks)")
     args = parser.parse_args()
+    if args.large_blocks:
+        args.run_config = LARGE_BLOCKS
     cfg = DecaConfig.from_run_config(parse_overrides(args.run_config))
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA {torch.cuda.is_available()}")

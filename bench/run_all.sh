@@ -42,16 +42,16 @@ out=bench/latest_run.md
   echo "## Framework overhead: flwr run simulation vs single-process reference"
   echo '```'
   python bench/overhead.py 2>/dev/null | grep -v '^INFO'
+  python bench/overhead.py --large-blocks 2>/dev/null | grep -v "^INFO"
   echo '```'
-  echo "Config: SmolLM2-135M, 4 nodes, embeddings frozen, 6 layers per block, 2 steps per block, so each node"
-  echo "receives two 85 MB blocks per step. Where the extra time goes: in Flower 1.41 the ServerApp, the"
-  echo "SuperLink and the simulation engine are separate processes, so every block a node receives or sends"
-  echo "is serialised to protobuf, passed through the SuperLink and handed to a Ray actor (~250 MB per"
-  echo "node-step here); bench/engine_overhead.py splits each step into compute and overhead."
+  echo "Config: SmolLM2-135M, 4 nodes, the main job's blocks (embeddings + 15 x 2 layers, 27 MiB each), 2 steps"
+  echo "per block; --large-blocks: embeddings frozen, 6 layers per block (81 MiB). bench/engine_overhead.py"
+  echo "splits each step into compute and overhead."
   echo
   echo "## Engine overhead: simulation vs deployment"
   echo '```'
   python bench/engine_overhead.py 2>/dev/null
+  python bench/engine_overhead.py --large-blocks 2>/dev/null
   python bench/engine_overhead.py --variants 2>/dev/null
   echo '```'
   echo
