@@ -8,6 +8,7 @@ import torch
 from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message import remove_content_from_message
 from flwr.app.message.arraychunk import ArrayChunk
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_to_proto
 from flwr.proto.message_pb2 import PullObjectResponse
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
@@ -147,3 +148,17 @@ def test_a_relayed_chunk_the_superlink_no_longer_holds_is_an_error():
             to_upload[object_id].deflate()
     with pytest.raises(RelayError, match="no longer on the SuperLink"):
         rk.record_to_block(pulled.content[rk.HALF], "node 0")
+
+
+def test_a_reply_whose_objects_are_gone_becomes_an_error_reply_from_its_node():
+    reply = _reply_with_block({"w": torch.randn(64)})
+    store = InMemoryObjectStore()
+    _store(store, reply)
+    store.delete(reply.object_id)  # e.g. the SuperLink dropped it after its TTL
+    grid = HttpGrid(token="t")
+    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
+    assert pulled.has_error() and pulled.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert pulled.metadata.src_node_id == 7  # the coordinator drops or stops on that node, by its id
+    assert pulled.metadata.reply_to_message_id == reply.metadata.reply_to_message_id
+    assert grid._client.confirmed == []
