@@ -102,6 +102,13 @@ def _reply_with_block(block: dict) -> Message:
     return reply
 
 
+def _grid(store: InMemoryObjectStore, reply: Message) -> HttpGrid:
+    """Flower's deployment grid, talking to a SuperLink that holds `reply` in `store`."""
+    grid = HttpGrid(token="t")
+    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    return grid
+
+
 def test_replies_are_pulled_without_their_chunks_and_relayed_by_id(monkeypatch):
     # Prepare: a reply whose block spans several chunks, on the SuperLink
     monkeypatch.setattr("flwr.app.message.array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 4096)
@@ -111,8 +118,7 @@ def test_replies_are_pulled_without_their_chunks_and_relayed_by_id(monkeypatch):
     _store(store, reply)
     chunk_ids = {i for i, o in get_all_nested_objects(reply).items() if isinstance(o, ArrayChunk)}
     assert len(chunk_ids) >= 3
-    grid = HttpGrid(token="t")
-    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    grid = _grid(store, reply)
 
     # Execute
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
@@ -137,8 +143,7 @@ def test_a_relayed_chunk_the_superlink_no_longer_holds_is_an_error():
     reply = _reply_with_block({"w": torch.randn(64)})
     store = InMemoryObjectStore()
     _store(store, reply)
-    grid = HttpGrid(token="t")
-    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    grid = _grid(store, reply)
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     store.delete(reply.object_id)  # confirmed too early: the SuperLink dropped the block
     relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": pulled.content[rk.HALF]})
@@ -155,8 +160,7 @@ def test_a_reply_whose_objects_are_gone_becomes_an_error_reply_from_its_node():
     store = InMemoryObjectStore()
     _store(store, reply)
     store.delete(reply.object_id)  # e.g. the SuperLink dropped it after its TTL
-    grid = HttpGrid(token="t")
-    grid._client, grid._run = SuperLinkStub(store, [reply]), Run.create_empty(1)
+    grid = _grid(store, reply)
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert pulled.has_error() and pulled.error.code == ErrorCode.MESSAGE_UNAVAILABLE
     assert pulled.metadata.src_node_id == 7  # the coordinator drops or stops on that node, by its id
