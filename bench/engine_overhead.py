@@ -14,7 +14,8 @@ left out (warm-up).
 `--variants` runs only the deployment, once per row of VARIANTS, to show what each setting
 costs, from Flower's defaults to deca_flower's: the SuperLink's state in SQLite (`--database`)
 or in memory; Flower's fixed polling naps or 0.25 s polls; a `flwr-clientapp` process per
-message (handing it to the warm worker) or the in-process task runner.
+message (handing it to the warm worker), one warm task runner process, or the tasks in a thread
+of the SuperNode process (deca_flower's default).
 
 The deployment line is followed by what each kind of process used per inner step: CPU seconds
 (read from /proc every 0.5 s while the job runs, evaluation and model loading included) and
@@ -78,7 +79,9 @@ VARIANTS = {
     "flower defaults (SQLite state, 3 s / 1 s naps, process per message)": (True, FLOWER_SUPERNODE, None),
     "+ in-memory SuperLink state": (False, FLOWER_SUPERNODE, None),
     "+ 0.25 s polls (deca-flower-supernode --task-runner per-message)": (False, PER_MESSAGE, "0.25"),
-    "+ in-process task runner (deca-flower-supernode)": (False, ("deca-flower-supernode", ()), "0.25"),
+    "+ warm task runner process (deca-flower-supernode --task-runner in-process)":
+        (False, ("deca-flower-supernode", ("--task-runner", "in-process")), "0.25"),
+    "+ tasks in the SuperNode process (deca-flower-supernode)": (False, ("deca-flower-supernode", ()), "0.25"),
 }
 DECA_DEFAULT = list(VARIANTS)[-1]
 

@@ -1,7 +1,10 @@
 """A real deployment on loopback: flower-superlink + 3 SuperNode processes + `flwr run`.
 
-Both ways a node stays warm must equal the in-process run of the same config and seed:
-- `deca-flower-supernode`: the node's ClientApp runs in its SuperExec, the task runner;
+Every way a node stays warm must equal the in-process run of the same config and seed:
+- `deca-flower-supernode`: the node's ClientApp runs in a thread of the SuperNode process, on the
+  node's own state and object store;
+- `deca-flower-supernode --task-runner in-process`: it runs in the SuperNode's SuperExec process,
+  the task runner, which the SuperNode restarts if it dies;
 - Flower's `flower-supernode`: every message runs in a fresh `flwr-clientapp` process, which hands
   it to the node's warm worker (started on demand).
 """
@@ -24,9 +27,10 @@ from tests.test_flower_matches_reference import flower_run
 
 
 @pytest.mark.deployment
-@pytest.mark.parametrize("supernode_program", ["deca-flower-supernode", "flower-supernode"])
-def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode_program):
-    federation = Loopback(tmp_path, supernode_program=supernode_program)
+@pytest.mark.parametrize("supernode_program, supernode_args", [
+    ("deca-flower-supernode", ()), ("deca-flower-supernode", ("--task-runner", "in-process")), ("flower-supernode", ())])
+def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode_program, supernode_args):
+    federation = Loopback(tmp_path, supernode_program=supernode_program, supernode_args=supernode_args)
     federation.start_superlink()
     for pid in range(3):
         federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3 "
@@ -44,8 +48,10 @@ def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode
             os.kill(int(pid_file.read_text()), 15)
         federation.stop()
     per_message = [federation.log(f"supernode{pid}").count("Start `flwr-clientapp` process") for pid in range(3)]
-    if supernode_program == "deca-flower-supernode":  # the task runner ran every message itself
+    runner_processes = [federation.log(f"supernode{pid}").count("Starting Flower SuperExec") for pid in range(3)]
+    if supernode_program == "deca-flower-supernode":  # the SuperNode or its task runner ran every message itself
         assert per_message == [0, 0, 0] and not list(tmp_path.glob("w*.log"))
+        assert runner_processes == ([1, 1, 1] if supernode_args else [0, 0, 0])
     else:  # a flwr-clientapp process per message, served by the warm workers
         assert min(per_message) > 5
         assert all("listening" in (tmp_path / f"w{pid}.log").read_text() for pid in range(3))
@@ -76,11 +82,13 @@ def _task_runner_of(supernode_pid: int) -> int:
 HOLD_HOOK = Path(__file__).parent / "hold_task_output"  # its sitecustomize.py holds a runner's task
 
 
-def _run_and_kill_a_task_runner(tmp_path: Path, *, rounds: int, hold_at_task: int = 0) -> tuple[list[dict], str]:
+def _run_and_kill_a_task_runner(tmp_path: Path, *, rounds: int, hold_at_task: int = 0,
+                                supernode: bool = False) -> tuple[list[dict], str]:
     """A tiny job on 3 SuperNodes; SIGKILL node 2's task runner after the first visit, or (hold_at_task)
-    while it holds that task between its reply and its "task done". The ServerApp must finish with
-    all three nodes; returns the metrics records and node 2's SuperNode log."""
-    federation = Loopback(tmp_path)
+    while it holds that task between its reply and its "task done", or (supernode) node 2's whole
+    SuperNode, whose tasks run in it, and start it again. The ServerApp must finish with all three
+    nodes; returns the metrics records and node 2's (last) SuperNode log."""
+    federation = Loopback(tmp_path, supernode_args=() if supernode else ("--task-runner", "in-process"))
     federation.start_superlink()
     supernodes = [federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=3")
                   for pid in range(2)]
@@ -105,15 +113,21 @@ def _run_and_kill_a_task_runner(tmp_path: Path, *, rounds: int, hold_at_task: in
             assert run.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
             time.sleep(0.2)
         time.sleep(0.5 if hold_at_task else 0)  # the marker is written before the runner holds
-        os.kill(int(held.read_text()) if hold_at_task else _task_runner_of(supernodes[2].pid), signal.SIGKILL)
+        if supernode:
+            os.kill(supernodes[2].pid, signal.SIGKILL)
+            supernodes[2].wait()
+            federation.start_supernode("supernode2-again", "partition-id=2 num-partitions=3")  # as compose restarts it
+        else:
+            os.kill(int(held.read_text()) if hold_at_task else _task_runner_of(supernodes[2].pid), signal.SIGKILL)
         output, _ = run.communicate(timeout=600)
         # `flwr run --stream` exits 0 even when the ServerApp fails: the summary says it finished
         assert run.returncode == 0 and (runs / "crash" / "summary.json").exists(), output[-5000:]
     finally:
         run.kill()
         federation.stop()
-    log = federation.log("supernode2")
-    assert "the task runner exited with -9: starting a new one" in log
+    log = federation.log("supernode2-again" if supernode else "supernode2")
+    if not supernode:
+        assert "the task runner exited with -9: starting a new one" in log
     summary = json.loads((runs / "crash" / "summary.json").read_text())
     assert summary["dropped_nodes"] == {} and len(summary["final"]["accuracy_per_node"]) == 3
     return [json.loads(line) for line in metrics.read_text().splitlines()], log
@@ -152,3 +166,16 @@ def test_a_runner_killed_between_its_reply_and_task_done_rejoins(tmp_path):
     assert "restored from" in log and "at generation 4 (its context: 3)" in log
     _dropped_and_rejoined(records)
     assert "dropping a second reply to message" in log
+
+
+@pytest.mark.deployment
+def test_a_killed_supernode_started_again_rejoins(tmp_path):
+    """With the tasks in the SuperNode process (the default), a crash takes the whole SuperNode:
+    SIGKILL node 2's mid-run and start it again with the same node config. The SuperLink answers
+    its open message with "node unavailable" once its heartbeat lapses, the coordinator drops the
+    node and goes on, and the new SuperNode rejoins with a neighbour's blocks at a block boundary."""
+    records, log = _run_and_kill_a_task_runner(tmp_path, rounds=3, supernode=True)
+    (dropout,) = [r for r in records if r["kind"] == "dropout"]
+    (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
+    assert dropout["node"] == rejoin["node"] == 2 and rejoin["step"] >= dropout["step"]
+    assert "Receiving: train.deca message" in log  # the new SuperNode took part in training

@@ -1,6 +1,7 @@
 """Relaying a block does not upload it again: the ServerApp holds its reply confirmations until
 after the push that relays the blocks (deca_flower/flower/relay.py)."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -83,10 +84,10 @@ class SuperLinkStub:
         return SimpleNamespace(messages_list=[message_to_proto(remove_content_from_message(m)) for m in wanted],
                                message_object_trees=[get_object_tree(m) for m in wanted])
 
-    def PullObject(self, request):  # noqa: N802
+    def PullObject(self, request):  # noqa: N802 (as Flower's handler: found once preregistered, available once put)
         self.pulled.append(request.object_id)
         content = self.store.get(request.object_id)
-        return PullObjectResponse(object_found=bool(content), object_available=bool(content),
+        return PullObjectResponse(object_found=content is not None, object_available=bool(content),
                                   object_content=content or b"")
 
     def ConfirmMessageReceived(self, request):  # noqa: N802
@@ -166,3 +167,28 @@ def test_a_reply_whose_objects_are_gone_becomes_an_error_reply_from_its_node():
     assert pulled.metadata.src_node_id == 7  # the coordinator drops or stops on that node, by its id
     assert pulled.metadata.reply_to_message_id == reply.metadata.reply_to_message_id
     assert grid._client.confirmed == []
+
+
+def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in():
+    """The SuperLink lists a reply once its node pushed the message, before the node has uploaded
+    the objects (the message object last). Flower's pull retries a missing object after 1 s, then
+    2 s: here the root is missing for the first three looks, and the pull takes well under 1 s."""
+    reply = _reply_with_block({"w": torch.randn(64)})
+    store = InMemoryObjectStore()
+    _store(store, reply)
+    grid = _grid(store, reply)
+    pull_object = grid._client.PullObject
+
+    def uploading(request):
+        if request.object_id == reply.object_id and grid._client.pulled.count(reply.object_id) < 3:
+            grid._client.pulled.append(request.object_id)
+            return PullObjectResponse(object_found=True, object_available=False)  # preregistered, not uploaded
+        return pull_object(request)
+
+    grid._client.PullObject = uploading
+    started = time.monotonic()
+    [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
+    assert time.monotonic() - started < 1.0
+    assert grid._client.pulled.count(reply.object_id) == 4
+    assert torch.equal(rk.record_to_block(pulled.content[rk.HALF], "node 7")["w"],
+                       rk.record_to_block(reply.content[rk.HALF], "node 7")["w"])

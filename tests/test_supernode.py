@@ -89,3 +89,74 @@ def test_a_second_reply_to_a_message_is_dropped_by_the_supernode_state():
     assert state.store_message(reply(ask, "second")) is None      # the restarted runner's, late
     assert state.store_message(reply(gone, "to a message it no longer has")) is None
     assert [m.error.reason for m in state.get_messages_legacy(is_reply=True)] == ["first"]
+
+
+def test_tasks_run_in_a_thread_of_the_supernode_instead_of_a_superexec_process(monkeypatch):
+    from deca_flower.flower import task_runner
+
+    served = []
+    monkeypatch.setattr(task_runner, "serve_in_supernode", lambda *args: served.append(args))
+    started = []
+    start = supernode.with_tasks_in_supernode(lambda **kwargs: started.append(kwargs))
+    factory = object()
+    start(state_factory=factory, runtime_api_address="0.0.0.0:9094", runtime_certificates=None,
+          runtime_root_certificates_path=None, isolation="subprocess")
+    deadline = time.monotonic() + 5
+    while not served and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served == [(factory, "127.0.0.1:9094", True, None)]  # a bind-all address is reached on loopback
+    assert started[0]["isolation"] == "process"  # so Flower starts no SuperExec process of its own
+    start(state_factory=factory, runtime_api_address="0.0.0.0:9094", isolation="process")
+    assert len(served) == 1 and started[1]["isolation"] == "process"  # an operator's own SuperExec: left alone
+
+
+def test_a_task_in_the_supernode_reaches_flowers_handlers_on_the_node_state_with_its_token():
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    from deca_flower.flower.task_runner import LocalRuntimeClient, handler_for
+
+    state = InMemoryNodeState(InMemoryObjectStore())
+    state.create_task(TaskType.CLIENT_APP, run_id=7)
+    claimed = runtime_handlers.acquire_task(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]), state)
+    assert LocalRuntimeClient(state, claimed.token).SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+    with pytest.raises(FlowerError, match="authentication failed"):
+        LocalRuntimeClient(state, "a token nobody issued").SendTaskHeartbeat(SendTaskHeartbeatRequest())
+    # every call Flower's ClientApp task functions make (flwr/supernode/runtime/run_clientapp.py)
+    for method in ("PullTaskInput", "PullMessages", "PullObject", "ConfirmMessageReceived", "PushMessages",
+                   "PushObject", "PushTaskOutput", "SendTaskHeartbeat"):
+        assert callable(handler_for(f"/flwr.proto.Runtime/{method}"))
+    with pytest.raises(NotImplementedError, match="NoSuchCall"):
+        handler_for("/flwr.proto.Runtime/NoSuchCall")
+
+
+def test_a_task_in_the_supernode_waits_for_an_object_the_node_is_still_downloading():
+    """The SuperNode lists a message (and its task starts) before it has downloaded the message's
+    objects; the in-SuperNode task waits on the node's store instead of Flower's 1 s pull retry."""
+    import threading
+
+    from flwr.app import ConfigRecord
+    from flwr.proto.message_pb2 import PullObjectRequest
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    from deca_flower.flower.task_runner import LocalRuntimeClient
+
+    state = InMemoryNodeState(InMemoryObjectStore())
+    state.create_task(TaskType.CLIENT_APP, run_id=7)
+    claimed = runtime_handlers.acquire_task(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]), state)
+    record = ConfigRecord({"step": 3})
+    state.object_store.preregister(7, get_object_tree(record))  # listed, content not downloaded yet
+    download = threading.Timer(0.2, state.object_store.put, (record.object_id, record.deflate()))
+    download.start()
+    response = LocalRuntimeClient(state, claimed.token).PullObject(PullObjectRequest(object_id=record.object_id))
+    download.join()
+    assert response.object_available and response.object_content == record.deflate()

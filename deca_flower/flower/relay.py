@@ -46,6 +46,9 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.superlink.grid.http_grid import HttpGrid
 
 FetchObjects = Callable[[list[str]], dict[str, bytes]]
+# looks for a reply's message object while its node still uploads the reply: after 0.02 s, doubling
+# up to 0.2 s; given up (an error reply) if the upload does not finish within UPLOAD_WAIT_S
+UPLOAD_RETRY_S, UPLOAD_RETRY_CAP_S, UPLOAD_WAIT_S = 0.02, 0.2, 600.0
 
 
 class RelayError(RuntimeError):
@@ -138,8 +141,8 @@ def pull_replies(grid: Grid, message_ids: Iterable[str]) -> list[Message]:
     pull_one = make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node, run_id=run_id)
 
     def fetch(object_ids: list[str]) -> dict[str, bytes]:
-        try:
-            return pull_objects(object_ids, pull_one)
+        try:  # a reply's chunks were all uploaded before its message object: one missing now is gone
+            return pull_objects(object_ids, pull_one, max_tries_per_object=1)
         except ObjectPullError as err:
             raise RelayError(f"a relayed block is no longer on the SuperLink: {err}") from err
 
@@ -170,8 +173,13 @@ def _pull_without_chunks(tree: Any, fetch: FetchObjects, pull_one: Callable[[str
     prebuilt from RelayedArrays (the levels: message, record dict, records, arrays, chunks)."""
     records = [record for content in tree.children for record in content.children]
     arrays = [array for record in records for array in record.children]
-    top = [tree, *tree.children, *records]
-    contents = pull_objects([node.object_id for node in top + arrays], pull_one)
+    # A node sends its reply's objects after the reply, the message object last (post-order), so the
+    # message can be listed while its objects are still arriving. Flower's pull retries each missing
+    # one after 1 s, which put a ~1 s pause into every inner step: wait for the message object with
+    # short retries instead; once it is here, so is everything below it.
+    contents = pull_objects([tree.object_id], pull_one, initial_backoff=UPLOAD_RETRY_S, backoff_cap=UPLOAD_RETRY_CAP_S,
+                            max_time=UPLOAD_WAIT_S)
+    contents |= pull_objects([node.object_id for node in [*tree.children, *records, *arrays]], pull_one)
     prebuilt: dict[str, InflatableObject] = {}
     for record in records:
         if get_object_type_from_object_content(contents[record.object_id]) != ArrayRecord.__qualname__:

@@ -14,10 +14,15 @@ process died), Flower's SuperNode answers every open message of the run on that 
 runner's own reply then arrived second, and the SuperNode's loop (one message in, one reply out)
 sent it in place of the next reply and stayed one reply behind from then on.
 
-It also starts deca_flower's task runner (flower/task_runner.py) as the SuperNode's SuperExec,
-in place of `flower-superexec`: the ClientApp then runs in one warm process instead of a new
-`flwr-clientapp` process per message (`--task-runner per-message` keeps Flower's way), and the
-runner is started again if it dies.
+The node's ClientApp runs warm, with its model and moments kept between messages
+(flower/task_runner.py), where `--task-runner` says:
+- `in-supernode` (default): in a thread of this SuperNode process, in place of the SuperExec
+  process Flower would start; a task reads its message from the node's own state and object
+  store, so a block crosses no further HTTP hop on the node;
+- `in-process`: in one runner process started as the SuperNode's SuperExec (in place of
+  `flower-superexec`) and started again if it dies; it restores the node from its on-disk state;
+- `per-message`: Flower's way, a new `flwr-clientapp` process per message (which reaches the
+  node's warm worker, flower/worker.py).
 
     deca-flower-supernode --poll-interval-s 0.25 --insecure --superlink 127.0.0.1:9092 --node-config "..."
 """
@@ -25,13 +30,16 @@ runner is started again if it dies.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                                      description="flower-supernode (all its flags, below) with shorter polling waits")
     parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S,
                         help=f"longest wait between polls of the SuperLink and the ClientApp (default {DEFAULT_POLL_INTERVAL_S})")
-    parser.add_argument("--task-runner", choices=("in-process", "per-message"), default="in-process",
-                        help="in-process: the ClientApp runs in one warm SuperExec process (default); "
+    parser.add_argument("--task-runner", choices=("in-supernode", "in-process", "per-message"),
+                        default="in-supernode",
+                        help="in-supernode: the ClientApp runs warm in this SuperNode process (default); "
+                             "in-process: in one warm SuperExec process, restarted if it dies; "
                              "per-message: Flower's flwr-clientapp process per message")
     args, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.poll_interval_s <= 0:
@@ -134,20 +144,44 @@ def main(argv: list[str] | None = None) -> None:
         print(parser.format_help())  # then flower-supernode prints its own flags and exits
 
     from flwr.supernode import start_client_internal
-    from flwr.supernode.cli import flower_supernode
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
+    from deca_flower.logs import use_flower_logging
+
+    use_flower_logging()  # the node's own log lines (a restore, a dropped reply) in the SuperNode's log
+    supernode_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not the function
     if not cap_polling_sleeps(start_client_internal, args.poll_interval_s):
         log.warning("this Flower's SuperNode loop does not use `time` as 1.41 does; polling waits left as they are")
     if not refuse_second_replies(InMemoryNodeState):
         log.warning("this Flower's SuperNode state is not 1.41's: a second reply to a message is not dropped")
-    if args.task_runner == "in-process":
+    if args.task_runner == "in-supernode":
+        supernode_cli.start_client_internal = with_tasks_in_supernode(supernode_cli.start_client_internal)
+    elif args.task_runner == "in-process":
         if getattr(start_client_internal, "subprocess", None) is subprocess:
             start_client_internal.subprocess = TaskRunnerLauncher()
         else:
             log.warning("this Flower's SuperNode does not start its SuperExec as 1.41 does: per-message ClientApps")
     sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
+    supernode_cli.flower_supernode()
+
+
+def with_tasks_in_supernode(start: Callable[..., None]) -> Callable[..., None]:
+    """Wrap Flower's `start_client_internal` so that the node's tasks run in a thread of this
+    process (task_runner.serve_in_supernode) instead of a SuperExec process it would start."""
+    from flwr.common.constant import ISOLATION_MODE_PROCESS, ISOLATION_MODE_SUBPROCESS
+    from flwr.supercore.address import resolve_bind_address
+
+    from deca_flower.flower.task_runner import serve_in_supernode
+
+    def start_with_tasks_here(**kwargs: Any) -> None:
+        if kwargs.get("isolation", ISOLATION_MODE_SUBPROCESS) == ISOLATION_MODE_SUBPROCESS:
+            runtime = (kwargs["state_factory"], resolve_bind_address(kwargs["runtime_api_address"]),
+                       kwargs.get("runtime_certificates") is None, kwargs.get("runtime_root_certificates_path"))
+            threading.Thread(target=serve_in_supernode, args=runtime, name="deca-task-runner", daemon=True).start()
+            kwargs["isolation"] = ISOLATION_MODE_PROCESS  # Flower then starts no SuperExec of its own
+        start(**kwargs)
+
+    return start_with_tasks_here
 
 
 if __name__ == "__main__":
