@@ -46,9 +46,9 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.superlink.grid.http_grid import HttpGrid
 
 FetchObjects = Callable[[list[str]], dict[str, bytes]]
-# looks for a reply's message object while its node still uploads the reply: after 0.02 s, doubling
-# up to 0.2 s; given up (an error reply) if the upload does not finish within UPLOAD_WAIT_S
-UPLOAD_RETRY_S, UPLOAD_RETRY_CAP_S, UPLOAD_WAIT_S = 0.02, 0.2, 600.0
+# looks for a reply's message object while its node still uploads the reply: after 0.02 s, then
+# every 0.05 s; given up (an error reply) if the upload does not finish within UPLOAD_WAIT_S
+UPLOAD_RETRY_S, UPLOAD_RETRY_CAP_S, UPLOAD_WAIT_S = 0.02, 0.05, 600.0
 
 
 class RelayError(RuntimeError):
