@@ -2,8 +2,8 @@
 
 - simulation: `flwr run . --federation-config "num-supernodes=N"` with the default resources (2 CPUs
   per node: on this 2-core machine one Ray actor runs the nodes one after another);
-- deployment: a local flower-superlink + N flower-supernodes on 127.0.0.1 (`flwr run . loopback`),
-  each node served by its warm worker, one core each (OMP_NUM_THREADS=1), side by side.
+- deployment: a local flower-superlink + N `deca-flower-supernode`s on 127.0.0.1 (`flwr run . loopback`),
+  each node's ClientApp warm in its SuperNode process, one core each (OMP_NUM_THREADS=1), side by side.
 
 Per inner step the coordinator records the wall time of the message round and each node's
 forward + backward + Adam time. Overhead = wall - compute on the critical path: the sum over nodes
