@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -30,6 +31,7 @@ class InProcessGrid:
         self.silent_after: dict[int, int] = {}  # node id -> train messages it answers before going down
         self.back_at: dict[int, int] = {}       # node id -> total train messages after which it is up again
         self.crash_after: dict[int, int] = {}   # node id -> train messages it answers before crashing
+        self.gone_after: dict[int, int] = {}    # node id -> train messages it answers before its SuperNode dies
         self.kill_after: int | None = None      # total train messages after which the whole run is killed
         self.trains: dict[int, int] = {}
         self.total_trains = 0
@@ -68,6 +70,13 @@ class InProcessGrid:
                 self.trains[node_id] = self.trains.get(node_id, 0) + 1
                 if self.trains[node_id] > self.silent_after.get(node_id, 1 << 30):
                     self.down.add(node_id)
+                    continue
+                if self.trains[node_id] > self.gone_after.get(node_id, 1 << 30):  # the SuperLink answers
+                    self.replies[delivered.metadata.message_id] = Message(metadata=Metadata(
+                        run_id=self.run_id, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=0,
+                        reply_to_message_id=delivered.metadata.message_id, group_id="", created_at=0.0, ttl=0.0,
+                        message_type=delivered.metadata.message_type),
+                        error=Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"))
                     continue
                 if self.trains[node_id] > self.crash_after.get(node_id, 1 << 30):
                     self.replies[delivered.metadata.message_id] = Message(

@@ -15,7 +15,7 @@ from deca_flower.results import RunWriter
 from tests.inprocess import InProcessGrid
 
 
-def run_with_faults(cfg, silent=None, crash=None):
+def run_with_faults(cfg, silent=None, crash=None, gone=None):
     from deca_flower.flower.job import run_deca
 
     state._WARM.clear()
@@ -23,6 +23,7 @@ def run_with_faults(cfg, silent=None, crash=None):
     grid = InProcessGrid(client_app, cfg.num_nodes)
     grid.silent_after = {100 + pid: n for pid, n in (silent or {}).items()}
     grid.crash_after = {100 + pid: n for pid, n in (crash or {}).items()}
+    grid.gone_after = {100 + pid: n for pid, n in (gone or {}).items()}
     summary = run_deca(grid, cfg, run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, records
@@ -38,6 +39,13 @@ def test_silent_node_is_dropped_and_the_rest_finish(tiny_cfg):
 def test_crashed_node_is_dropped_too(tiny_cfg):
     summary, _ = run_with_faults(tiny_cfg.replace(num_nodes=5, topology="ring"), crash={4: 2})
     assert list(summary["dropped_nodes"]) == [4] and "simulated crash" in summary["dropped_nodes"][4]
+
+
+def test_a_node_the_superlink_reports_unavailable_is_dropped(tiny_cfg):
+    """The SuperLink answers for a dead SuperNode, with its own node id as the source."""
+    summary, _ = run_with_faults(tiny_cfg.replace(num_nodes=5, topology="ring"), gone={3: 2})
+    assert list(summary["dropped_nodes"]) == [3] and "Node Unavailable" in summary["dropped_nodes"][3]
+    assert len(summary["final"]["accuracy_per_node"]) == 4
 
 
 def test_split_graph_stops_or_goes_on_per_component(tiny_cfg):

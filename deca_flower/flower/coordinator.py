@@ -317,15 +317,18 @@ class Coordinator:
 
     def _send(self, messages: list[Message], dropouts_allowed: bool = False) -> list[Message]:
         """Replies of every node; with dropouts_allowed, silent or crashed nodes are dropped instead."""
-        replies = send_and_receive(self.grid, messages, self.cfg.reply_timeout_s)
-        answered = {r.metadata.src_node_id for r in replies}
+        sent_to: dict[str, int] = {}
+        replies = send_and_receive(self.grid, messages, self.cfg.reply_timeout_s, sent_to)
+        # a reply belongs to the node its message went to: the SuperLink's own error replies ("node
+        # unavailable" after a SuperNode died) carry the SuperLink's node id as their source
+        node_of_reply = [sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         problems = {m.metadata.dst_node_id: f"no reply within reply-timeout-s={self.cfg.reply_timeout_s}"
-                    for m in messages if m.metadata.dst_node_id not in answered}
-        for reply in replies:
+                    for m in messages if m.metadata.dst_node_id not in node_of_reply}
+        for reply, node in zip(replies, node_of_reply):
             if reply.has_error():
                 if not dropouts_allowed or reply.error.code == BAD_NEIGHBOUR_BLOCK:  # bad data: never ignored
-                    raise CoordinationError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
-                problems[reply.metadata.src_node_id] = f"failed: {reply.error.reason}"
+                    raise CoordinationError(f"node {node} failed: {reply.error.reason}")
+                problems[node] = f"failed: {reply.error.reason}"
         if problems and not dropouts_allowed:
             raise CoordinationError(f"{len(problems)} of {len(messages)} nodes did not reply "
                                     f"within reply-timeout-s={self.cfg.reply_timeout_s}")
@@ -366,12 +369,17 @@ class Coordinator:
         return next(pid for pid, nid in self.node_of.items() if nid == node_id)
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push, then pull the replies every PULL_INTERVAL_S until all are in or `timeout` passed.
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                     sent_to: dict[str, int] | None = None) -> list[Message]:
+    """Push, then pull the replies every PULL_INTERVAL_S until all are in or `timeout` passed;
+    `sent_to` gets each pushed message id -> its destination node.
 
     Grid.send_and_receive does the same with a fixed pause between pulls that would add half of
     it to every inner step on average."""
-    pending = set(grid.push_messages(messages))
+    pushed = list(grid.push_messages(messages))
+    if sent_to is not None and len(pushed) == len(messages):
+        sent_to.update(zip(pushed, (m.metadata.dst_node_id for m in messages)))
+    pending = set(pushed)
     confirm_after_push(grid)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
