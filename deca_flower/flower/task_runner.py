@@ -23,6 +23,7 @@ crosses HTTP twice more between the SuperNode and the runner.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -55,16 +56,17 @@ from flwr.supernode.nodestate import NodeState, NodeStateFactory
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 from flwr.supernode.servicer.runtime import runtime_handlers as supernode_handlers
 
+from deca_flower.flower.supernode import LOCAL_WAIT_S  # waits on the node's own state: no request, so short
 from deca_flower.flower.worker import IN_WORKER
 from deca_flower.logs import use_flower_logging
 
 log = logging.getLogger(__name__)
 
-LOCAL_POLL_S = 0.01  # between looks at the node's own state (a new task, an object): no request, so short
 OBJECT_WAIT_S = 600.0  # an object still missing after this goes back to Flower's pull (retries, then an error)
-RESTART_PAUSE_S = 1.0
+RETRY_PAUSE_S = 1.0  # after a task failed to start
 
 
+@functools.cache
 def handler_for(rpc_method: str) -> Callable[..., Any]:
     """Flower's SuperNode handler of a Runtime API call, e.g. "/flwr.proto.Runtime/PullObject"."""
     name = re.sub(r"(?<!^)(?=[A-Z])", "_", rpc_method.rsplit("/", 1)[-1]).lower()  # PullObject -> pull_object
@@ -93,7 +95,7 @@ class LocalRuntimeClient(RuntimeHttpClient):
         deadline = time.monotonic() + OBJECT_WAIT_S
         while isinstance(response, PullObjectResponse) and response.object_found and not response.object_available \
                 and time.monotonic() < deadline:
-            time.sleep(LOCAL_POLL_S)
+            time.sleep(LOCAL_WAIT_S)
             response = handler(request, self.state, task)
         return response
 
@@ -175,10 +177,10 @@ def serve_in_supernode(state_factory: NodeStateFactory, runtime_api_address: str
             if claimed.HasField("task") and claimed.token:
                 plugin.launch_task(token=claimed.token, task=claimed.task)
             else:
-                time.sleep(LOCAL_POLL_S)
+                time.sleep(LOCAL_WAIT_S)
         except Exception:  # a task that cannot start expires on the SuperNode; this loop keeps serving
             log.exception("the in-SuperNode task runner failed to start a task")
-            time.sleep(RESTART_PAUSE_S)
+            time.sleep(RETRY_PAUSE_S)
 
 
 def main() -> None:
