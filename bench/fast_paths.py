@@ -11,6 +11,12 @@
 4. A block through a node, each inner step: packing it (the payload is the packed buffer itself
    versus a bytes-subclass copy of it, as until session 6) and checking two neighbour blocks for
    NaN/Inf (one sum per tensor versus an isfinite mask) (records.py, core/gossip.py).
+5. The embedding block (28M parameters, the largest) through a mix, each inner step: float64
+   accumulation in a reused slice buffer versus a float64 copy of the whole block, and the BMA
+   fold in place versus new tensors for h, m and v (core/gossip.py, core/optimizer.py, until
+   session 8); the neighbour check with the distance pass doubling as the NaN/Inf check versus a
+   separate sum; the relay's consensus distance over 4 such blocks in slices versus a stacked
+   float64 copy (core/reference.py).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 from flwr.app import Array
 
 from deca_flower.config import DecaConfig
-from deca_flower.core.gossip import check_block
+from deca_flower.core.gossip import _all_finite, check_block, mix
+from deca_flower.core.reference import consensus_distance
 from deca_flower.flower.records import PACKED_KEY, block_to_record, record_bytes
 from deca_flower.runtime import build_runtime
 
@@ -85,6 +92,64 @@ def main() -> None:
     checked = best_of(lambda: [check_block(b, tensors, "neighbour", 0.5) for b in neighbours])
     print(f"NaN/Inf check of 2 neighbour blocks: isfinite mask {masks:.4f} s, one sum per tensor {sums:.4f} s; "
           f"check_block (names, shapes, dtypes, finite, max-block-deviation=0.5) {checked:.4f} s")
+    embedding_block(runtime)
+
+
+def embedding_block(runtime) -> None:
+    """Item 5, with the code of session 8 written out as the 'before'."""
+    embed = next(b for b in runtime.blocks if "embed" in b.name)
+    own = [dict(runtime.node.model.named_parameters())[n].detach().clone() for n in embed.param_names]
+    numel = sum(t.numel() for t in own)
+    others = [(0.25, [t + 1e-4 * torch.randn_like(t) for t in own]) for _ in range(2)]
+
+    def mix_whole_block():
+        out = [t.double().mul_(0.5) for t in own]
+        for weight, tensors in others:
+            for acc, t in zip(out, tensors):
+                acc.add_(t, alpha=weight)
+        return [acc.float() for acc in out]
+
+    assert all(torch.equal(a, b) for a, b in zip(mix_whole_block(), mix(own, 0.5, others)))
+    print(f"mix {embed.name} ({numel:,} params) with 2 neighbours: slices {best_of(lambda: mix(own, 0.5, others)):.4f} s; "
+          f"whole-block float64 copy {best_of(mix_whole_block):.4f} s (same result bit for bit)")
+    mixed = mix(own, 0.5, others)
+    theta, m, v = ([t.clone() for t in own] for _ in range(3))
+
+    def fold_new_tensors():
+        for before, mx, m_, v_ in zip(theta, mixed, m, v):
+            h = (before - mx).div_(1e-4)
+            m_.mul(0.9).add_(h, alpha=0.1), v_.mul(0.999).addcmul_(h, h, value=0.001)
+
+    def fold_in_place():
+        for before, mx, m_, v_ in zip(theta, mixed, m, v):
+            h = before.sub_(mx).div_(1e-4)
+            m_.mul_(0.9).add_(h, alpha=0.1), v_.mul_(0.999).addcmul_(h, h, value=0.001)
+
+    print(f"BMA fold arithmetic on {embed.name}: in place {best_of(fold_in_place):.4f} s; "
+          f"new h, m, v {best_of(fold_new_tensors):.4f} s")
+    block = dict(zip(embed.param_names, own))
+    received = [dict(zip(embed.param_names, tensors)) for _, tensors in others]
+
+    def check_with_separate_sum():
+        for b in received:
+            [_all_finite(t) for t in b.values()]
+            check_block(b, block, "neighbour", 0.5)
+
+    print(f"check 2 neighbour {embed.name} blocks, max-block-deviation=0.5: distance pass as the NaN/Inf check "
+          f"{best_of(lambda: [check_block(b, block, 'neighbour', 0.5) for b in received]):.4f} s; "
+          f"+ a separate sum {best_of(check_with_separate_sum):.4f} s")
+    blocks = [block, *received, received[0]]
+
+    def stacked_distance():
+        total = 0.0
+        for name in blocks[0]:
+            stacked = torch.stack([b[name].double() for b in blocks])
+            total += float(((stacked - stacked.mean(0)) ** 2).sum())
+        return total / len(blocks)
+
+    print(f"consensus distance of 4 {embed.name} blocks: slices {best_of(lambda: consensus_distance(blocks), 3):.4f} s; "
+          f"stacked float64 {best_of(stacked_distance, 3):.4f} s "
+          f"(values {consensus_distance(blocks):.10g} vs {stacked_distance():.10g})")
 
 
 if __name__ == "__main__":

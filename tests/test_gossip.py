@@ -16,6 +16,17 @@ def test_mixing_preserves_the_average_exactly_in_float64():
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
+def test_mixing_in_slices_gives_the_sums_of_a_whole_float64_copy():
+    from deca_flower.core.gossip import MIX_CHUNK
+
+    torch.manual_seed(3)
+    own, a, b = (torch.randn(2, MIX_CHUNK + 5) for _ in range(3))  # two full slices and a short one
+    expected = own.double().mul_(0.5).add_(a, alpha=0.3).add_(b, alpha=0.2).float()  # the whole block at once
+    assert torch.equal(mix([own], 0.5, [(0.3, [a]), (0.2, [b])])[0], expected)
+    with pytest.raises(ValueError, match="elements"):
+        mix([own], 0.5, [(0.5, [a[:, :-1]])])
+
+
 def test_weights_must_sum_to_one():
     with pytest.raises(ValueError, match="sum to"):
         mix([torch.zeros(2)], 0.5, [(0.4, [torch.zeros(2)])])
@@ -33,9 +44,10 @@ EXPECTED = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
     ({"a": torch.zeros(2, 3)}, "missing"),
     ({"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}, "unexpected"),
 ])
-def test_bad_neighbour_blocks_are_rejected_with_the_sender_named(received, message):
+@pytest.mark.parametrize("max_deviation", [0.0, 1e6])  # with a limit the distance pass finds NaN/Inf
+def test_bad_neighbour_blocks_are_rejected_with_the_sender_named(received, message, max_deviation):
     with pytest.raises(BlockError, match=message) as info:
-        check_block(received, EXPECTED, "node 5")
+        check_block(received, EXPECTED, "node 5", max_deviation)
     assert "node 5" in str(info.value)
 
 
@@ -45,6 +57,8 @@ def test_finite_blocks_whose_sum_overflows_are_not_mistaken_for_inf():
     check_block({"a": torch.zeros(2, 3), "b": huge}, EXPECTED, "node 5")
     with pytest.raises(BlockError, match="NaN or Inf"):
         check_block({"a": torch.zeros(2, 3), "b": torch.tensor([3e38, 3e38, float("nan"), 0.0])}, EXPECTED, "node 5")
+    with pytest.raises(BlockError, match="away"):  # with a limit: too far, not NaN
+        check_block({"a": torch.zeros(2, 3), "b": huge}, EXPECTED, "node 5", max_deviation=1e6)
 
 
 def test_nodes_that_agree_stay_exactly_agreed_with_thirds():
@@ -59,10 +73,11 @@ def test_consensus_distance_is_the_mean_squared_distance_to_the_average():
     from deca_flower.core.reference import consensus_distance
 
     torch.manual_seed(1)
-    blocks = [{"a": torch.randn(4, 3) + 10, "b": torch.randn(7)} for _ in range(5)]  # offset: cancellation
+    # offset: cancellation; "c" spans more than one slice of DISTANCE_CHUNK elements
+    blocks = [{"a": torch.randn(4, 3) + 10, "b": torch.randn(7), "c": torch.randn(300_000)} for _ in range(5)]
     expected = 0.0
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         stacked = torch.stack([b[name].double() for b in blocks])
         expected += float(((stacked - stacked.mean(0)) ** 2).sum()) / len(blocks)
-    assert consensus_distance(blocks) == pytest.approx(expected, rel=1e-6)
+    assert consensus_distance(blocks) == pytest.approx(expected, rel=1e-12)
     assert consensus_distance([blocks[0]] * 3) == pytest.approx(0.0, abs=1e-9)

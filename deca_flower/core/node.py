@@ -94,8 +94,9 @@ class DecaNode:
             self.active.release()
         self.active, self.optimizer = None, None
 
-    def local_step(self) -> tuple[float, dict[str, torch.Tensor]]:
-        """One Adam step on the active block; returns the loss and the half-step block (a copy)."""
+    def local_step(self, *, copy: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+        """One Adam step on the active block; returns the loss and the half-step block: a copy, or
+        (copy=False, for a caller that serialises it right away) views that the next mix overwrites."""
         active, optimizer = self._require_active()
         loss = self.loss_fn(self.model, self.make_batch(self.sampler.next()))
         if not torch.isfinite(loss):
@@ -108,7 +109,8 @@ class DecaNode:
         master_bytes = sum(m.numel() * m.element_size() for m in active.masters) if active.has_copy else 0
         self.peak_optimizer_bytes = max(self.peak_optimizer_bytes,
                                         grad_bytes + optimizer.optimizer_bytes() + master_bytes)
-        return float(loss.detach()), {k: v.clone() for k, v in active.values().items()}
+        half = active.values()
+        return float(loss.detach()), {k: v.clone() for k, v in half.items()} if copy else half
 
     def block_values(self) -> dict[str, torch.Tensor]:
         return self._require_active()[0].values()

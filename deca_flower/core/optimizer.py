@@ -88,15 +88,16 @@ class BlockAdam:
                     m, v = state["exp_avg"], state["exp_avg_sq"]
                 else:  # trivial: start from the moments before the gradient step
                     m, v = self._moments_before[i]
-                state["exp_avg"] = m.mul(b1).add_(h, alpha=1 - b1)
-                state["exp_avg_sq"] = v.mul(b2).addcmul_(h, h, value=1 - b2)
+                state["exp_avg"] = m.mul_(b1).add_(h, alpha=1 - b1)  # in place: no new block-sized tensors
+                state["exp_avg_sq"] = v.mul_(b2).addcmul_(h, h, value=1 - b2)
         for master, value in zip(self.masters, mixed):
             master.copy_(value)
         self._theta_before = []
         self._moments_before = []
 
     def _signals(self, mixed: list[torch.Tensor]) -> list[torch.Tensor]:
-        diffs = [before - mix.to(before.dtype) for before, mix in zip(self._theta_before, mixed)]
+        """h per tensor, computed in the theta copies (fold drops them afterwards)."""
+        diffs = [before.sub_(mix.to(before.dtype)) for before, mix in zip(self._theta_before, mixed)]
         if self.discrepancy == "scaled":
             return [d.div_(self.lr) for d in diffs]
         if self.discrepancy == "raw":

@@ -184,7 +184,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                                      "was not finished before the next visit"), reply_to=msg)
             node.start_block(block)
         start = time.time()
-        loss, half = node.local_step()
+        loss, half = node.local_step(copy=False)  # packed (or sealed) below: the record is the copy
         if runtime.cfg.secure_gossip:  # one sealed copy per neighbour: the relay cannot read any
             channel = secure_channel(runtime, context)
             step = int(instruction[rk.STEP])
