@@ -17,10 +17,10 @@ def test_mixing_preserves_the_average_exactly_in_float64():
 
 
 def test_mixing_in_slices_gives_the_sums_of_a_whole_float64_copy():
-    from deca_flower.core.gossip import MIX_CHUNK
+    from deca_flower.core.gossip import FLOAT64_SLICE
 
     torch.manual_seed(3)
-    own, a, b = (torch.randn(2, MIX_CHUNK + 5) for _ in range(3))  # two full slices and a short one
+    own, a, b = (torch.randn(2, FLOAT64_SLICE + 5) for _ in range(3))  # two full slices and a short one
     expected = own.double().mul_(0.5).add_(a, alpha=0.3).add_(b, alpha=0.2).float()  # the whole block at once
     assert torch.equal(mix([own], 0.5, [(0.3, [a]), (0.2, [b])])[0], expected)
     with pytest.raises(ValueError, match="elements"):
@@ -73,7 +73,7 @@ def test_consensus_distance_is_the_mean_squared_distance_to_the_average():
     from deca_flower.core.reference import consensus_distance
 
     torch.manual_seed(1)
-    # offset: cancellation; "c" spans more than one slice of DISTANCE_CHUNK elements
+    # offset: cancellation; "c" spans more than one slice of FLOAT64_SLICE elements
     blocks = [{"a": torch.randn(4, 3) + 10, "b": torch.randn(7), "c": torch.randn(300_000)} for _ in range(5)]
     expected = 0.0
     for name in ("a", "b", "c"):

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-MIX_CHUNK = 1 << 18  # elements accumulated in float64 at a time (2 MiB)
+FLOAT64_SLICE = 1 << 18  # elements summed in float64 at a time (2 MiB): mix() and consensus_distance()
 
 
 class BlockError(ValueError):
@@ -56,7 +56,7 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
 
     float64 matters: BMA divides theta - mixed by lr, so fp32 rounding in the mix (x/3 + x/3 + x/3 != x)
     would become an lr-sized Adam step on weights the nodes already agree on. It is accumulated
-    MIX_CHUNK elements at a time in one reused buffer: the same sums as a float64 copy of the
+    FLOAT64_SLICE elements at a time in one reused buffer: the same sums as a float64 copy of the
     whole block, without allocating one (226 MB for the SmolLM2 embeddings)."""
     total = self_weight + sum(w for w, _ in others)
     if not math.isclose(total, 1.0, abs_tol=1e-9):
@@ -71,9 +71,9 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
             flat_others.append((weight, tensors[k].reshape(-1)))
         mixed = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
         flat_own, flat_mixed = tensor.reshape(-1), mixed.view(-1)
-        buffer = torch.empty(min(numel, MIX_CHUNK), dtype=torch.float64, device=tensor.device)
-        for start in range(0, numel, MIX_CHUNK):
-            end = min(start + MIX_CHUNK, numel)
+        buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
+        for start in range(0, numel, FLOAT64_SLICE):
+            end = min(start + FLOAT64_SLICE, numel)
             acc = buffer[:end - start].copy_(flat_own[start:end]).mul_(self_weight)
             for weight, flat in flat_others:
                 acc.add_(flat[start:end].to(acc.device), alpha=weight)  # added in float64 without a float64 copy
