@@ -122,6 +122,34 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
             assert torch.equal(value, resumed_blocks[key][name]), (key, name)
 
 
+def test_a_visit_is_recorded_only_after_every_node_saved_it(tiny_cfg, monkeypatch):
+    """Finished blocks are written in the background while the next step runs (a slow disk here):
+    the coordinator's checkpoint must still never name a visit whose files a node is writing."""
+    import threading
+    import time
+
+    write, writers, recorded = state._write_blocks, set(), []
+
+    def slow_write(*args):
+        writers.add(threading.current_thread().name)
+        time.sleep(0.2)
+        write(*args)
+
+    def checked(self, checkpoint):
+        for pid in range(cfg.num_nodes):
+            assert (Path(cfg.state_dir) / f"node_{pid:03d}" / f"checkpoint.v{checkpoint['visit']:05d}.json").is_file()
+        recorded.append(checkpoint["visit"])
+        record(self, checkpoint)
+
+    monkeypatch.setattr(state, "_write_blocks", slow_write)
+    record = Coordinator._write_checkpoint
+    monkeypatch.setattr(Coordinator, "_write_checkpoint", checked)
+    cfg = tiny_cfg.replace(rounds=2, steps_per_block=1)
+    summary, _ = run_with_faults(cfg)
+    assert any(name.startswith("deca-save") for name in writers)  # the background path ran
+    assert recorded == sorted(recorded) and recorded[-1] == summary["inner_steps"] - 1  # 1 step per visit
+
+
 def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
     from deca_flower.flower.coordinator import CoordinationError
     from deca_flower.flower.job import run_deca

@@ -175,7 +175,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     if finish >= 0 and node.active_index is not None:  # (a node that just rejoined has nothing to finish)
         finished = {node.active_index: node.block_values()}
         node.end_block()
-        save_blocks(runtime, finished, finish)  # before the step: the checkpoint holds the sampler of the boundary
+        # saved while the reply travels, unless the step below changes those weights or another process
+        # may restore this node from disk before its next message (state-sync="step")
+        background = block >= 0 and block not in finished and runtime.cfg.state_sync == "block"
+        save_blocks(runtime, finished, finish, background=background)  # the sampler of the boundary, not after the step
     content = RecordDict()
     if block >= 0:
         if start_visit:

@@ -127,19 +127,22 @@ class Coordinator:
         self.weights = weights
         schedule = build_schedule(num_blocks, cfg.rounds, cfg.block_order, cfg.seed)
         total = len(schedule) * steps_per_visit
-        unconfirmed: dict[str, Any] | None = None  # checkpoint of a visit whose finish rides on the next step
+        unfinished: dict[str, Any] | None = None  # checkpoint of a visit whose finish rides on the next step
+        saving: dict[str, Any] | None = None  # ... of a visit the nodes may still be saving in the background
         for visit in schedule[visits_done:]:
             losses: list[float] = []
             walls, computes, totals = [], [], []  # per inner step: wall time; slowest node's and all nodes'
             # forward + backward + Adam time (the critical path when nodes run side by side / one after another)
             for r in range(steps_per_visit):
-                finish = unconfirmed["visit"] if unconfirmed and r == 0 else -1
+                finish = unfinished["visit"] if unfinished and r == 0 else -1
                 tic = time.time()
                 metrics = self.exchange(self.weights, block=visit.block, start=(r == 0), finish=finish)
                 walls.append(time.time() - tic)
-                if unconfirmed and r == 0:  # every node replied: the previous visit is finished and saved
-                    self._write_checkpoint({**unconfirmed, "dropped": self.dropped, "rejoined": self.rejoined})
-                    unconfirmed = None
+                if saving:  # every node answered a message after the finish one: it waited for the save first
+                    self._write_checkpoint({**saving, "dropped": self.dropped, "rejoined": self.rejoined})
+                    saving = None
+                if finish >= 0:
+                    saving, unfinished = unfinished, None
                 computes.append(max(m["step-s"] for m in metrics.values()))
                 totals.append(sum(m["step-s"] for m in metrics.values()))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
@@ -160,9 +163,10 @@ class Coordinator:
             if not (evaluate or self._may_rejoin()):
                 # the last mix of the visit goes with the next visit's first step: nodes mix, save the
                 # finished block, start the next one (one message round per visit fewer)
-                unconfirmed = self._checkpoint_state(visit.position)
+                unfinished = self._checkpoint_state(visit.position)
                 continue
-            self.exchange(self.weights, block=-1, start=False, finish=visit.position)
+            self.exchange(self.weights, block=-1, start=False, finish=visit.position)  # saved before the replies
+            saving = None  # superseded by the checkpoint written below
             if evaluate:
                 self.evaluate(list(self.node_of), visit.round, visit.block, final=last)
             if not last:

@@ -11,10 +11,14 @@ also land on another actor. So:
   state-sync="step", `active.safetensors` (active block, Adam moments, pending theta copy)
   after every message. A process without a warm copy rebuilds the runtime and overlays these.
 
-Checkpoints are block-boundary snapshots for `resume=true`. The coordinator records a visit as
-done only after every node finished it, so a node can be one visit ahead of the coordinator's
-checkpoint: the two newest versions of each file are kept, and resuming at visit c loads, per
-block, the newest version <= c and deletes the versions after c.
+Checkpoints are block-boundary snapshots for `resume=true`. When the finish of a visit rides on
+a step of another block (state-sync="block"), the node writes it in a background thread while
+the reply travels and the next node computes, and waits for it before it handles its next
+message. So the coordinator records a visit as done only after every node answered the message
+AFTER the one that finished it, and a node can be two visits ahead of the coordinator's
+checkpoint: the three newest versions of each file are kept, and resuming at visit c loads, per
+block, the newest version <= c and deletes the versions after c. Files are written under a
+temporary name and renamed, so no reader ever sees half a block.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,8 +40,10 @@ log = logging.getLogger(__name__)
 
 STATE_RECORD = "deca.state"
 _VERSIONED = re.compile(r"(block_(\d+)|checkpoint)\.v(\d+)\.(safetensors|json)$")
-KEEP_VERSIONS = 2
+KEEP_VERSIONS = 3
 _WARM: dict[tuple[int, int], NodeRuntime] = {}
+_SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deca-save")  # one writer: saves land in order
+_saving: Future | None = None  # the newest background save of any node in this process
 
 
 class StateLost(RuntimeError):
@@ -53,7 +60,9 @@ def generation_of(context: Context) -> int:
 
 
 def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path: str | None = None) -> NodeRuntime:
-    """The node's runtime at the generation recorded in its context (warm, or restored)."""
+    """The node's runtime at the generation recorded in its context (warm, or restored), once
+    every background save of this process has landed."""
+    wait_for_saves()
     key = (context.run_id, context.node_id)
     generation = generation_of(context)
     runtime = _WARM.get(key)
@@ -87,14 +96,38 @@ def commit(context: Context, runtime: NodeRuntime) -> None:
     tmp.replace(folder / "position.json")
 
 
-def save_blocks(runtime: NodeRuntime, blocks: dict[int, dict[str, torch.Tensor]], visit: int) -> None:
-    """Write finished blocks as versions of `visit`, then the checkpoint that makes them count."""
-    folder = node_dir(runtime.cfg, runtime.partition_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, values in blocks.items():
-        save_file({k: v.contiguous().cpu() for k, v in values.items()}, folder / f"block_{index:03d}.v{visit:05d}.safetensors")
-    # the node's only randomness is its minibatch generator (no dropout), so that is the RNG state
+def save_blocks(runtime: NodeRuntime, blocks: dict[int, dict[str, torch.Tensor]], visit: int, *,
+                background: bool = False) -> None:
+    """Write finished blocks as versions of `visit`, then the checkpoint that makes them count.
+    background=True: return at once and write in this process's saver thread; the blocks must stay
+    unchanged until the node's next message (which waits for the save first)."""
+    global _saving
+    # the node's only randomness is its minibatch generator (no dropout), so that is the RNG state;
+    # taken now, before the step that follows advances it
     checkpoint = {"visit": visit, "sampler": runtime.node.sampler.state()}
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    if background:
+        _saving = _SAVER.submit(_write_blocks, folder, blocks, checkpoint)
+    else:
+        wait_for_saves()
+        _write_blocks(folder, blocks, checkpoint)
+
+
+def wait_for_saves() -> None:
+    """Block until this process's background saves have landed; re-raise the error of a failed one."""
+    global _saving
+    saving, _saving = _saving, None
+    if saving is not None:
+        saving.result()
+
+
+def _write_blocks(folder: Path, blocks: dict[int, dict[str, torch.Tensor]], checkpoint: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    visit = checkpoint["visit"]
+    for index, values in blocks.items():
+        file = folder / f"block_{index:03d}.v{visit:05d}.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in values.items()}, f"{file}.tmp")
+        Path(f"{file}.tmp").replace(file)
     tmp = folder / "checkpoint.tmp"
     tmp.write_text(json.dumps(checkpoint))
     tmp.replace(folder / f"checkpoint.v{visit:05d}.json")
@@ -139,11 +172,15 @@ def restore_checkpoint(runtime: NodeRuntime, visit: int) -> None:
 
 
 def forget_checkpoints(runtime: NodeRuntime, after: int = -1) -> None:
-    """Delete saved block versions and checkpoints of visits after `after` (all by default)."""
-    for versions in _versions(node_dir(runtime.cfg, runtime.partition_id)).values():
+    """Delete saved block versions and checkpoints of visits after `after` (all by default), and
+    what a process that died while writing left behind."""
+    folder = node_dir(runtime.cfg, runtime.partition_id)
+    for versions in _versions(folder).values():
         for visit, path in versions:
             if visit > after:
                 path.unlink()
+    for partial in folder.glob("*.tmp"):
+        partial.unlink()
 
 
 def _restore(runtime: NodeRuntime, generation: int) -> None:
