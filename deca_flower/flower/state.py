@@ -34,7 +34,6 @@ from flwr.app import ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
 from deca_flower.config import DecaConfig
-from deca_flower.flower.priority import match_parent_priority
 from deca_flower.runtime import NodeRuntime, build_runtime
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,6 @@ def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path:
     runtime = _WARM.get(key)
     if runtime is not None and runtime.generation == generation:
         return runtime
-    match_parent_priority()  # a Ray actor starts at niceness 15
     runtime = build_runtime(cfg, partition_id, data_path=data_path)
     if generation:
         _restore(runtime, generation)
