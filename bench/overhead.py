@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def flower_per_step(overrides: str, num_nodes: int) -> tuple[float, float, int]:
            "--federation-config", f"num-supernodes={num_nodes}"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
     records = [json.loads(line) for line in (results / run_name / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(results)  # the nodes' checkpoints, GBs; kept when a run failed
     visits = [r for r in records if r["kind"] == "visit"]
     steps = visits[-1]["step"]
     compute = sum(v["step_compute_sum_s"] * (v["step"] - prev["step"]) for prev, v in zip([{"step": 0}, *visits], visits))
