@@ -126,8 +126,9 @@ def _write_blocks(folder: Path, blocks: dict[int, dict[str, torch.Tensor]], chec
     visit = checkpoint["visit"]
     for index, values in blocks.items():
         file = folder / f"block_{index:03d}.v{visit:05d}.safetensors"
-        save_file({k: v.contiguous().cpu() for k, v in values.items()}, f"{file}.tmp")
-        Path(f"{file}.tmp").replace(file)
+        partial = file.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in values.items()}, partial)
+        partial.replace(file)
     tmp = folder / "checkpoint.tmp"
     tmp.write_text(json.dumps(checkpoint))
     tmp.replace(folder / f"checkpoint.v{visit:05d}.json")
