@@ -35,10 +35,8 @@ from deca_flower.results import RunWriter, mean_std
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
-# Flower's send_and_receive sleeps 3 s between pulls in deployment (1.5 s per inner step on average);
-# here 0.1 s. Simulation (InMemoryGrid) looks for the LAST reply every 0.02 s: the step ends with it,
-# and its actor idled 0.044 s per step on average at 0.1 s; looking that often all the time cost as
-# much CPU (0.15 ms per look, on the cores the actor computes on) as it saved
+# Flower's send_and_receive sleeps 3 s between pulls (1.5 s per inner step on average); here 0.1 s, and
+# 0.02 s for the simulation's LAST reply (the step ends with it; short looks all the time cost as much CPU as they saved)
 PULL_INTERVAL_S = 0.1
 LAST_REPLY_PULL_INTERVAL_S = 0.02
 
@@ -380,10 +378,7 @@ class Coordinator:
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
                      sent_to: dict[str, int] | None = None) -> list[Message]:
     """Push, then pull the replies every PULL_INTERVAL_S until all are in or `timeout` passed;
-    `sent_to` gets each pushed message id -> its destination node.
-
-    Grid.send_and_receive does the same with a fixed pause between pulls that would add half of
-    it to every inner step on average."""
+    `sent_to` gets each pushed message id -> its destination node. (Grid.send_and_receive pauses 3 s.)"""
     pushed = list(grid.push_messages(messages))
     if sent_to is not None and len(pushed) == len(messages):
         sent_to.update(zip(pushed, (m.metadata.dst_node_id for m in messages)))
