@@ -3,7 +3,7 @@
     python bench/memory_and_steps.py [--model smollm2-135m-instruct] [--batch-size 4] [--max-text-tokens 64]
 
 Prints, for the bottom / a middle / the top layer block and the embedding block: step time and
-optimizer+grad bytes (grads, fp32 masters if any, Adam moments, BMA theta copy), next to the
+optimizer+grad bytes (grads, fp32 masters if any, Adam moments), next to the
 prediction of `deca-flower plan`; then the same for full-parameter Adam; and each mode's process
 peak RSS (each mode runs in its own subprocess so the peaks do not mix).
 """
@@ -31,27 +31,18 @@ def tensor_bytes(tensors) -> int:
 def measure_block(runtime, index: int, repeats: int = 3) -> dict:
     node = runtime.node
     node.start_block(index)
-    active, optimizer = node.active, node.optimizer
-    times, opt_bytes = [], 0
+    node.peak_optimizer_bytes = 0
+    times = []
     for r in range(repeats + 1):
-        batch = node.make_batch(node.sampler.next())
         start = time.perf_counter()
-        node.loss_fn(node.model, batch).backward()
-        active.grads_to_master()
-        grads = tensor_bytes(m.grad for m in active.masters if m.grad is not None)
-        optimizer.step()
-        active.master_to_model()
+        node.local_step(copy=False)  # batch, forward, backward, Adam: what the node measures as its peak
         if r:  # first step is warm-up
             times.append(time.perf_counter() - start)
-        state = tensor_bytes(t for s in optimizer.adam.state.values() for t in s.values() if t.dim())
-        theta = tensor_bytes(optimizer._theta_before)
-        masters = tensor_bytes(active.masters) if active.has_copy else 0
-        opt_bytes = max(opt_bytes, grads + state + theta + masters)
-        optimizer.fold([m.detach().clone() for m in active.masters])  # no neighbours: mixed = own
-    params = sum(m.numel() for m in active.masters)
+        node.apply_mixed([m.detach().clone() for m in node.active.masters])  # no neighbours: mixed = own
+    params = sum(m.numel() for m in node.active.masters)
     node.end_block()
-    return {"block": runtime.blocks[index].name, "params": params, "step_s": min(times), "opt_grad_bytes": opt_bytes,
-            "ratio_to_16B_per_param": opt_bytes / (16 * params)}
+    return {"block": runtime.blocks[index].name, "params": params, "step_s": min(times),
+            "opt_grad_bytes": node.peak_optimizer_bytes, "ratio_to_16B_per_param": node.peak_optimizer_bytes / (16 * params)}
 
 
 def measure_full_adam(runtime, repeats: int = 2) -> dict:

@@ -4,8 +4,9 @@
 
 The model is built on the meta device from its config (no weights are loaded). Accounting,
 for P parameters, the active block's b parameters, w bytes per weight (4 on CPU, 2 in bf16):
-    DECA optimizer + grads  = b * (4 grad + 8 Adam moments + 4 theta copy for BMA [+ 4 fp32 master if bf16])
-    full Adam               = P * (w grad + 8 moments [+ 4 fp32 master if bf16])
+    DECA optimizer + grads  = b * (4 fp32 grad + 8 Adam moments [+ 4 fp32 master if bf16]
+                                   [+ 8 moment copies for bma=trivial]); BMA keeps no theta copy
+    full Adam               = P * (4 fp32 grad + 8 moments [+ 4 fp32 master if bf16])
     bytes per exchange      = b * w * degree (each neighbour gets the half-step block once)
     FedAvg                  = 2 * P * w per round (model down and up), T * B rounds of R steps
 """
@@ -60,9 +61,9 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
     sizes = [sum(params[n] for n in b.param_names) for b in blocks]
     total = sum(params.values())
     w = 2 if bf16 else 4
-    per_active = 4 + 8 + (4 if cfg.bma != "none" else 0) + (4 if bf16 else 0)
-    deca_opt = max(sizes) * per_active
-    full_opt = total * (w + 8 + (4 if bf16 else 0))
+    master = 4 if bf16 else 0
+    deca_opt = max(sizes) * (4 + 8 + master + (8 if cfg.bma == "trivial" else 0))
+    full_opt = total * (4 + 8 + master)
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     degree = 2 * graph.number_of_edges() / cfg.num_nodes
     steps_per_visit = cfg.steps_per_block

@@ -75,3 +75,49 @@ def test_second_step_uses_folded_moments_and_step_count():
 def test_scaled_discrepancy_refuses_zero_lr():
     with pytest.raises(ValueError, match="lr=0"):
         BlockAdam([torch.zeros(1)], lr=0.0, bma="full")
+
+
+@pytest.mark.parametrize("bma", ["full", "trivial"])
+@pytest.mark.parametrize("discrepancy", ["scaled", "raw", "normalized"])
+def test_fold_without_a_theta_copy_matches_the_definition(monkeypatch, bma, discrepancy):
+    """fold recomputes theta - half from Adam's moments instead of keeping theta: the moments it
+    leaves must equal DECA.md's rule computed from an explicit theta copy, over slices and steps
+    (float64, so that the rounding of theta - half itself stays far below the tolerance)."""
+    import deca_flower.core.optimizer as optimizer
+
+    monkeypatch.setattr(optimizer, "FOLD_SLICE", 7)  # several slices per tensor
+    gen = torch.Generator().manual_seed(0)
+    masters = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((5, 4), (3,), (2,))]
+    opt = BlockAdam(masters, lr=1e-3, bma=bma, bma_betas=(B1, B2), discrepancy=discrepancy)
+    for _ in range(3):
+        theta = [m.clone() for m in masters]
+        before = [tuple(t.clone() for t in opt._moments(m)) for m in masters]
+        for m in masters[:2]:  # the last tensor gets no gradient this step: Adam leaves it alone
+            m.grad = torch.randn(m.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+        after = [tuple(t.clone() for t in opt._moments(m)) for m in masters]
+        mixed = [m + 1e-3 * torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in masters]
+        diffs = [t - x for t, x in zip(theta, mixed)]
+        norm = torch.sqrt(sum(d.pow(2).sum() for d in diffs))
+        signals = {"scaled": [d / 1e-3 for d in diffs], "raw": [-d for d in diffs],
+                   "normalized": [d / norm for d in diffs]}[discrepancy]
+        opt.fold(mixed)
+        for i, (master, h) in enumerate(zip(masters, signals)):
+            m0, v0 = (after if bma == "full" else before)[i]
+            m, v = opt._moments(master)
+            assert torch.equal(master, mixed[i])
+            if not opt.adam.state.get(master):
+                continue  # never stepped: nothing to fold into
+            torch.testing.assert_close(m, B1 * m0 + (1 - B1) * h, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(v, B2 * v0 + (1 - B2) * h * h, rtol=1e-9, atol=1e-12)
+
+
+def test_step_holds_grads_and_moments_only():
+    """Per fp32 parameter at the step: 4 bytes of gradient and 8 of moments, no theta copy."""
+    masters = [torch.zeros(10), torch.zeros(6)]
+    opt = BlockAdam(masters, lr=1e-3)
+    for m in masters:
+        m.grad = torch.ones_like(m)
+    assert opt.optimizer_bytes() == 16 * 4
+    opt.step()
+    assert opt.optimizer_bytes() == 16 * 8

@@ -73,7 +73,7 @@ class DecaNode:
         self.loss_fn = loss_fn
         self.active: ActiveBlock | None = None
         self.optimizer: BlockAdam | None = None
-        self.peak_optimizer_bytes = 0  # grads + Adam moments + theta copy (+ fp32 masters), measured
+        self.peak_optimizer_bytes = 0  # grads + Adam moments (+ fp32 masters), measured
 
     @property
     def active_index(self) -> int | None:

@@ -14,8 +14,14 @@ One visit of client i to block k (see ../shared/DECA.md; tensors shaped like the
               bma="trivial": m = b1*m  + (1-b1)*h,  v = b2*v  + (1-b2)*h*h   (pre-step m, v)
               theta = mixed
 
-theta is the block BEFORE the local step, so the optimizer keeps a copy of it (one extra block
-of fp32, the "discrepancy buffer"). A new BlockAdam is built per visit: fresh moments.
+theta is the block BEFORE the local step. No copy of it is kept: theta - half is Adam's own
+update, lr_t * m' / (sqrt(v') + eps), which fold recomputes from the moments, so
+
+    theta - mixed = (half - mixed) + lr_t * m' / (sqrt(v') + eps)
+
+and the block's optimizer state is grads + m + v only (16 bytes per fp32 parameter at the step,
+12 at the fold). fold works FOLD_SLICE elements at a time, so it allocates no block-sized buffer.
+A new BlockAdam is built per visit: fresh moments.
 
     exercised by: pytest tests/test_optimizer.py
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+FOLD_SLICE = 1 << 20  # elements per pass in fold(): bounds its temporaries to a few MiB
 BMA_MODES = ("full", "none", "trivial")
 DISCREPANCIES = ("scaled", "raw", "normalized")
 
@@ -53,10 +60,11 @@ class BlockAdam:
         self.bma = bma
         self.bma_betas = bma_betas
         self.discrepancy = discrepancy
-        # foreach=None: torch's multi-tensor kernel on CUDA; on CPU the per-tensor loop measured ~2x faster
-        # (bench/fast_paths.py)
-        self.adam = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps, foreach=None)
-        self._theta_before: list[torch.Tensor] = []
+        # CUDA: the fused kernel (no block-sized temporaries); CPU: the per-tensor loop, measured ~2x
+        # faster there than the multi-tensor one (bench/fast_paths.py)
+        self.fused = bool(masters) and masters[0].is_cuda
+        self.adam = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps, fused=self.fused or None)
+        self._stepped: list[bool] = []  # per master, since the last fold: did Adam move it?
         self._moments_before: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -66,9 +74,8 @@ class BlockAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """theta -> half with Adam; remembers theta (and, for trivial BMA, the old moments)."""
-        if self.bma != "none":
-            self._theta_before = [m.detach().clone() for m in self.masters]
+        """theta -> half with Adam (for trivial BMA, first keeping the old moments)."""
+        self._stepped = [m.grad is not None for m in self.masters]
         if self.bma == "trivial":
             self._moments_before = [self._moments(m) for m in self.masters]
         self.adam.step()
@@ -79,31 +86,50 @@ class BlockAdam:
         """Set theta = mixed and fold the consensus signal into Adam's moments (per `bma`)."""
         if len(mixed) != len(self.masters):
             raise ValueError(f"fold got {len(mixed)} tensors for a block of {len(self.masters)}")
-        if self.bma != "none" and self._theta_before:
+        if self.bma != "none" and self._stepped:
             b1, b2 = self.bma_betas
-            signals = self._signals(mixed)
-            for i, (master, h) in enumerate(zip(self.masters, signals)):
-                state = self.adam.state[master]
-                if self.bma == "full":
-                    m, v = state["exp_avg"], state["exp_avg_sq"]
-                else:  # trivial: start from the moments before the gradient step
-                    m, v = self._moments_before[i]
-                state["exp_avg"] = m.mul_(b1).add_(h, alpha=1 - b1)  # in place: no new block-sized tensors
-                state["exp_avg_sq"] = v.mul_(b2).addcmul_(h, h, value=1 - b2)
+            scale = self._signal_scale(mixed)
+            for i, master in enumerate(self.masters):
+                state = self.adam.state.get(master)
+                if not state:
+                    continue  # never had a gradient: no moments to fold into
+                m, v = (state["exp_avg"], state["exp_avg_sq"]) if self.bma == "full" else self._moments_before[i]
+                flat_m, flat_v = m.view(-1), v.view(-1)
+                for part in self._slices(master):
+                    h = self._difference(i, mixed[i], part).mul_(scale)
+                    flat_m[part].mul_(b1).add_(h, alpha=1 - b1)  # in place: no block-sized tensors
+                    flat_v[part].mul_(b2).addcmul_(h, h, value=1 - b2)
+                state["exp_avg"], state["exp_avg_sq"] = m, v
         for master, value in zip(self.masters, mixed):
             master.copy_(value)
-        self._theta_before = []
+        self._stepped = []
         self._moments_before = []
 
-    def _signals(self, mixed: list[torch.Tensor]) -> list[torch.Tensor]:
-        """h per tensor, computed in the theta copies (fold drops them afterwards)."""
-        diffs = [before.sub_(mix.to(before.dtype)) for before, mix in zip(self._theta_before, mixed)]
+    def _signal_scale(self, mixed: list[torch.Tensor]) -> float:
+        """h = scale * (theta - mixed) for the configured discrepancy."""
         if self.discrepancy == "scaled":
-            return [d.div_(self.lr) for d in diffs]
+            return 1 / self.lr
         if self.discrepancy == "raw":
-            return [d.neg_() for d in diffs]
-        norm = torch.sqrt(sum(d.pow(2).sum() for d in diffs)).clamp_min(1e-30)
-        return [d.div_(norm) for d in diffs]
+            return -1.0
+        squares = sum(float(self._difference(i, mixed[i], part).pow_(2).sum())
+                      for i, master in enumerate(self.masters) for part in self._slices(master))
+        return 1 / max(squares ** 0.5, 1e-30)
+
+    def _difference(self, i: int, mixed: torch.Tensor, part: slice) -> torch.Tensor:
+        """theta - mixed on one slice of master i: (half - mixed) + Adam's update, recomputed."""
+        master = self.masters[i]
+        diff = master.view(-1)[part] - mixed.reshape(-1)[part].to(master.dtype)
+        if self._stepped[i]:
+            state, group = self.adam.state[master], self.adam.param_groups[0]
+            (beta1, beta2), step = group["betas"], float(state["step"])
+            # the same expression as torch.optim.Adam's (weight_decay=0, amsgrad off)
+            denom = state["exp_avg_sq"].view(-1)[part].sqrt().div_((1 - beta2**step) ** 0.5).add_(group["eps"])
+            diff.addcdiv_(state["exp_avg"].view(-1)[part], denom, value=group["lr"] / (1 - beta1**step))
+        return diff
+
+    @staticmethod
+    def _slices(master: torch.Tensor) -> list[slice]:
+        return [slice(start, start + FOLD_SLICE) for start in range(0, master.numel(), FOLD_SLICE)]
 
     def _moments(self, master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.adam.state.get(master)
@@ -112,14 +138,14 @@ class BlockAdam:
         return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume mid-visit: moments, step count, pending theta copies."""
+        """Everything needed to resume mid-visit: moments, step count, whether a fold is pending."""
         out: dict[str, torch.Tensor] = {"step": torch.tensor(self.steps_taken)}
         for i, master in enumerate(self.masters):
             state = self.adam.state.get(master)
             if state:
                 out[f"m.{i}"], out[f"v.{i}"] = state["exp_avg"], state["exp_avg_sq"]
-        for i, theta in enumerate(self._theta_before):
-            out[f"theta.{i}"] = theta
+        if self._stepped:  # a fold is pending
+            out["stepped"] = torch.tensor(self._stepped)
         for i, (m, v) in enumerate(self._moments_before):
             out[f"m_before.{i}"], out[f"v_before.{i}"] = m, v
         return out
@@ -131,22 +157,22 @@ class BlockAdam:
         if step:
             for i, master in enumerate(self.masters):
                 self.adam.state[master] = {
-                    "step": torch.tensor(float(step)),
+                    "step": torch.tensor(float(step), device=master.device if self.fused else "cpu"),
                     "exp_avg": tensors[f"m.{i}"].to(master.device).clone(),
                     "exp_avg_sq": tensors[f"v.{i}"].to(master.device).clone(),
                 }
-        if "theta.0" in tensors:
-            self._theta_before = [tensors[f"theta.{i}"].to(self.masters[i].device) for i in range(n)]
+        if "stepped" in tensors:
+            self._stepped = [bool(x) for x in tensors["stepped"]]
         if "m_before.0" in tensors:
             self._moments_before = [(tensors[f"m_before.{i}"], tensors[f"v_before.{i}"]) for i in range(n)]
 
     def optimizer_bytes(self) -> int:
-        """Bytes held for this block: Adam moments, grads and the theta copy (not the weights)."""
+        """Bytes held for this block: Adam moments, grads, and trivial BMA's moment copies (not the weights)."""
         total = 0
         for master in self.masters:
             state = self.adam.state.get(master, {})
             total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
             if master.grad is not None:
                 total += master.grad.numel() * master.grad.element_size()
-        total += sum(t.numel() * t.element_size() for t in self._theta_before)
+        total += sum(t.numel() * t.element_size() for pair in self._moments_before for t in pair)
         return total

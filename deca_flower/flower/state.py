@@ -8,7 +8,7 @@ also land on another actor. So:
 - disk tier: `<state dir>/node_<partition>/`: every finished block visit as
   `block_<b>.v<visit>.safetensors` and a checkpoint `checkpoint.v<visit>.json` (minibatch RNG
   state); `position.json` (generation, active block, minibatch RNG) and, with
-  state-sync="step", `active.safetensors` (active block, Adam moments, pending theta copy)
+  state-sync="step", `active.safetensors` (active block, Adam moments, whether a fold is pending)
   after every message. A process without a warm copy rebuilds the runtime and overlays these.
 
 Checkpoints are block-boundary snapshots for `resume=true`. When the finish of a visit rides on
