@@ -17,6 +17,9 @@
    session 8); the neighbour check with the distance pass doubling as the NaN/Inf check versus a
    separate sum; the relay's consensus distance over 4 such blocks in slices versus a stacked
    float64 copy (core/reference.py).
+6. BMA without a theta copy (session 11): fold recomputing theta - half from Adam's moments, in
+   slices, versus step() cloning theta and fold working in that clone (core/optimizer.py, until
+   session 10). Saves a block of fp32 (16 -> 12 bytes per fp32 parameter) for some arithmetic.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flwr.app import Array
 
 from deca_flower.config import DecaConfig
 from deca_flower.core.gossip import _all_finite, check_block, mix
+from deca_flower.core.optimizer import BlockAdam
 from deca_flower.core.reference import consensus_distance
 from deca_flower.flower.records import PACKED_KEY, block_to_record, record_bytes
 from deca_flower.runtime import build_runtime
@@ -127,6 +131,24 @@ def embedding_block(runtime) -> None:
 
     print(f"BMA fold arithmetic on {embed.name}: in place {best_of(fold_in_place):.4f} s; "
           f"new h, m, v {best_of(fold_new_tensors):.4f} s")
+    masters = [t.clone() for t in own]
+    optimizer = BlockAdam(masters, lr=1e-4)
+    for t in masters:
+        t.grad = torch.randn_like(t)
+    optimizer.step()
+
+    def fold_recomputed():
+        optimizer._stepped = [True] * len(masters)  # as after a step: the fold is due
+        optimizer.fold(mixed)
+
+    def fold_with_theta_copy():
+        for master, mx, m_, v_ in zip(masters, mixed, m, v):
+            h = master.clone().sub_(mx).div_(1e-4)  # the clone step() took, then the in-place fold
+            m_.mul_(0.9).add_(h, alpha=0.1), v_.mul_(0.999).addcmul_(h, h, value=0.001)
+            master.copy_(mx)
+
+    print(f"BMA fold on {embed.name}: theta copy + fold in it {best_of(fold_with_theta_copy):.4f} s; "
+          f"recomputed from the moments, no copy {best_of(fold_recomputed):.4f} s")
     block = dict(zip(embed.param_names, own))
     received = [dict(zip(embed.param_names, tensors)) for _, tensors in others]
 

@@ -19,8 +19,9 @@ update, lr_t * m' / (sqrt(v') + eps), which fold recomputes from the moments, so
 
     theta - mixed = (half - mixed) + lr_t * m' / (sqrt(v') + eps)
 
-and the block's optimizer state is grads + m + v only (16 bytes per fp32 parameter at the step,
-12 at the fold). fold works FOLD_SLICE elements at a time, so it allocates no block-sized buffer.
+and the block's optimizer state is grads + m + v only: 12 bytes per parameter at the step (16 with
+the fp32 master of a bf16 model). fold works FOLD_SLICE elements at a time, so it allocates no
+block-sized buffer either.
 A new BlockAdam is built per visit: fresh moments.
 
     exercised by: pytest tests/test_optimizer.py
@@ -95,8 +96,9 @@ class BlockAdam:
                     continue  # never had a gradient: no moments to fold into
                 m, v = (state["exp_avg"], state["exp_avg_sq"]) if self.bma == "full" else self._moments_before[i]
                 flat_m, flat_v = m.view(-1), v.view(-1)
+                update = self._update_factors(i)
                 for part in self._slices(master):
-                    h = self._difference(i, mixed[i], part).mul_(scale)
+                    h = self._difference(i, mixed[i], part, update).mul_(scale)
                     flat_m[part].mul_(b1).add_(h, alpha=1 - b1)  # in place: no block-sized tensors
                     flat_v[part].mul_(b2).addcmul_(h, h, value=1 - b2)
                 state["exp_avg"], state["exp_avg_sq"] = m, v
@@ -111,20 +113,33 @@ class BlockAdam:
             return 1 / self.lr
         if self.discrepancy == "raw":
             return -1.0
-        squares = sum(float(self._difference(i, mixed[i], part).pow_(2).sum())
-                      for i, master in enumerate(self.masters) for part in self._slices(master))
+        squares = 0.0
+        for i, master in enumerate(self.masters):
+            update = self._update_factors(i)
+            squares += sum(float(self._difference(i, mixed[i], part, update).pow_(2).sum())
+                           for part in self._slices(master))
         return 1 / max(squares ** 0.5, 1e-30)
 
-    def _difference(self, i: int, mixed: torch.Tensor, part: slice) -> torch.Tensor:
+    def _update_factors(self, i: int) -> tuple[float, float, float] | None:
+        """(step size, sqrt of the second bias correction, eps) of master i's last Adam step; None if
+        Adam did not move it. Read once per tensor: on CUDA the step count is a device tensor."""
+        if not self._stepped[i]:
+            return None
+        group = self.adam.param_groups[0]
+        (beta1, beta2), step = group["betas"], float(self.adam.state[self.masters[i]]["step"])
+        return group["lr"] / (1 - beta1**step), (1 - beta2**step) ** 0.5, group["eps"]
+
+    def _difference(self, i: int, mixed: torch.Tensor, part: slice,
+                    update: tuple[float, float, float] | None) -> torch.Tensor:
         """theta - mixed on one slice of master i: (half - mixed) + Adam's update, recomputed."""
         master = self.masters[i]
         diff = master.view(-1)[part] - mixed.reshape(-1)[part].to(master.dtype)
-        if self._stepped[i]:
-            state, group = self.adam.state[master], self.adam.param_groups[0]
-            (beta1, beta2), step = group["betas"], float(state["step"])
+        if update is not None:
+            step_size, bias_correction2_sqrt, eps = update
+            state = self.adam.state[master]
             # the same expression as torch.optim.Adam's (weight_decay=0, amsgrad off)
-            denom = state["exp_avg_sq"].view(-1)[part].sqrt().div_((1 - beta2**step) ** 0.5).add_(group["eps"])
-            diff.addcdiv_(state["exp_avg"].view(-1)[part], denom, value=group["lr"] / (1 - beta1**step))
+            denom = state["exp_avg_sq"].view(-1)[part].sqrt().div_(bias_correction2_sqrt).add_(eps)
+            diff.addcdiv_(state["exp_avg"].view(-1)[part], denom, value=step_size)
         return diff
 
     @staticmethod
