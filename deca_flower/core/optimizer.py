@@ -20,8 +20,9 @@ update, lr_t * m' / (sqrt(v') + eps), which fold recomputes from the moments, so
     theta - mixed = (half - mixed) + lr_t * m' / (sqrt(v') + eps)
 
 and the block's optimizer state is grads + m + v only: 12 bytes per parameter at the step (16 with
-the fp32 master of a bf16 model). fold works FOLD_SLICE elements at a time, so it allocates no
-block-sized buffer either.
+the fp32 master of a bf16 model). The price: Adam applied u rounded, so the recomputed theta is off
+by up to half an ulp of theta per element (bench/RESULTS.md, "BMA without the theta copy").
+fold works FOLD_SLICE elements at a time, so it allocates no block-sized buffer either.
 A new BlockAdam is built per visit: fresh moments.
 
     exercised by: pytest tests/test_optimizer.py
