@@ -9,6 +9,8 @@ Keys use Flower's hyphenated spelling (``layers-per-block``); fields use undersc
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,10 +18,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from deca_flower.core.topology import TOPOLOGIES, TopologyError, build_graph
+
 METHODS = ("deca", "deca-nobma", "deca-trivial", "fedavg", "dadam", "declora")
 # the paper's ablation: the method name fixes the moment approximation
 METHOD_BMA = {"deca-nobma": "none", "deca-trivial": "trivial", "dadam": "none", "declora": "none", "fedavg": "none"}
-TOPOLOGIES = ("ring", "erdos_renyi", "bipartite", "complete", "torus", "exponential")
 PARTITIONERS = ("dirichlet", "iid", "shard")
 BMA_MODES = ("full", "none", "trivial")
 DISCREPANCIES = ("scaled", "raw", "normalized")
@@ -29,6 +32,8 @@ DEVICES = ("auto", "cpu", "cuda")
 STATE_SYNC = ("block", "step")
 TASKS = ("classify", "instruct")
 HEADLINE = {"classify": ("accuracy", "macro_f1"), "instruct": ("response_loss", "perplexity")}  # per task
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -174,7 +179,12 @@ class DecaConfig:
         preset = explicit.get("preset", "")
         layers = [OmegaConf.create(_defaults_node(cls))]
         if preset:
-            layers.append(_load_preset(preset))
+            preset_values = _load_preset(preset)
+            layers.append(preset_values)
+            hidden = {k: v for k, v in preset_values.items() if k not in explicit and v != defaults[k]}
+            if hidden:  # Flower merges the app's defaults into run-config first: a default looks unset
+                log.warning("preset '%s' sets %s; a run-config value equal to the app default cannot undo these",
+                            preset, ", ".join(f"{k.replace('_', '-')}={v!r}" for k, v in hidden.items()))
         layers.append(OmegaConf.create(explicit))
         try:
             merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
@@ -216,9 +226,29 @@ def _load_preset(preset: str) -> Any:
     raise ConfigError(f"preset '{preset}' not found (looked in {CONF_DIR} and its experiments/)")
 
 
+def _type_problems(cfg: DecaConfig) -> list[str]:
+    """Values of the wrong type (run-config strings such as resume='false' are truthy), or not finite."""
+    out = []
+    for f in fields(cfg):
+        key, value = f.name.replace("_", "-"), getattr(cfg, f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            out.append(f"{key} must be true or false, got {value!r}")
+        elif f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            out.append(f"{key} must be an integer, got {value!r}")
+        elif f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            out.append(f"{key} must be a number, got {value!r}")
+        elif f.type == "float" and not math.isfinite(value):
+            out.append(f"{key} must be finite, got {value!r}")
+        elif f.type == "str" and not isinstance(value, str):
+            out.append(f"{key} must be a string, got {value!r}")
+    return out
+
+
 def _problems(cfg: DecaConfig) -> list[str]:
     """Every invalid value, one message each; no model or data is touched."""
-    out: list[str] = []
+    out = _type_problems(cfg)
+    if out:  # the range checks below compare numbers
+        return out
 
     def choice(name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(cfg, name)
@@ -227,9 +257,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
 
     def positive(name: str, *, allow_zero: bool = False) -> None:
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            out.append(f"{name.replace('_', '-')} must be a number, got {value!r}")
-        elif value < 0 or (value == 0 and not allow_zero):
+        if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             out.append(f"{name.replace('_', '-')} must be {bound}, got {value}")
 
@@ -262,6 +290,11 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append(f"test-fraction must be in (0, 1), got {cfg.test_fraction}")
     if cfg.num_nodes < 2 and not out:
         out.append(f"num-nodes must be >= 2 for gossip, got {cfg.num_nodes}")
+    if not out and cfg.method != "fedavg":  # before any node connects: e.g. a torus of 4 or a ring of 2
+        try:
+            build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
+        except TopologyError as err:
+            out.append(f"topology='{cfg.topology}' with num-nodes={cfg.num_nodes}: {err}")
     if not cfg.model:
         out.append("model is empty: give the embedded default, a hub id or a local path")
     elif cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().exists():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,22 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+log = logging.getLogger(__name__)
+
+
+def _set_aside_earlier_run(run_dir: Path) -> None:
+    """A fresh run must neither mix with nor silently destroy what an earlier run left (its
+    checkpoint.json would also mislead a later resume); node state (nodes/) is the nodes' to reset."""
+    earlier = [f for f in run_dir.iterdir() if f.is_file()]
+    if not earlier:
+        return
+    previous = run_dir / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for file in earlier:
+        file.replace(previous / file.name)
+    log.warning("%s held an earlier run: its %d files are now in %s", run_dir, len(earlier), previous)
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
@@ -21,11 +39,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 class RunWriter:
     """keep_lines: continue a resumed run's metrics.jsonl after its first keep_lines records
-    (those written by the time of the checkpoint); otherwise start it empty."""
+    (those written by the time of the checkpoint); otherwise start it empty, with the files of an
+    earlier run under the same name moved to run_dir/previous/ (replacing an older previous/)."""
 
     def __init__(self, run_dir: Path, keep_lines: int | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        if keep_lines is None:
+            _set_aside_earlier_run(run_dir)
         self.metrics_file = run_dir / "metrics.jsonl"
         kept = self.metrics_file.read_text().splitlines()[:keep_lines] if keep_lines else []
         self.metrics_file.write_text("".join(line + "\n" for line in kept))

@@ -96,6 +96,8 @@ def test_more_nodes_than_data_or_graph_allows(tiny_cfg):
         build_runtime(tiny_cfg.replace(num_nodes=5000), 0)
     with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
         build_runtime(tiny_cfg.replace(layers_per_block=8), 0)
+    with pytest.raises(DataError, match="lower shards-per-node"):
+        build_runtime(tiny_cfg.replace(partitioner="shard", shards_per_node=1000), 0)
 
 
 def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg, tmp_path):

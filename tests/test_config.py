@@ -40,3 +40,34 @@ def test_preset_then_explicit_override(tmp_path):
         DecaConfig.from_run_config({"preset": str(preset)})
     with pytest.raises(ConfigError, match="not found"):
         DecaConfig.from_run_config({"preset": "no-such-preset"})
+
+
+def test_wrong_types_and_non_finite_values_are_refused_by_name():
+    from deca_flower.cli import parse_overrides
+
+    with pytest.raises(ConfigError) as info:  # as typed on the command line
+        DecaConfig.from_run_config(parse_overrides(
+            "resume='false' rounds=2.0 max-block-deviation=nan lr=inf beta1='0.9' seed=true"))
+    text = str(info.value)
+    for fragment in ("resume must be true or false, got 'false'", "rounds must be an integer, got 2.0",
+                     "max-block-deviation must be finite", "lr must be finite", "beta1 must be a number, got '0.9'",
+                     "seed must be an integer, got True"):
+        assert fragment in text
+    assert DecaConfig(lr=1).lr == 1  # an integer is a number
+
+
+def test_a_graph_the_node_count_cannot_have_is_refused_before_nodes_connect():
+    with pytest.raises(ConfigError, match="topology='torus' with num-nodes=4: torus needs"):
+        DecaConfig(topology="torus", num_nodes=4)
+    with pytest.raises(ConfigError, match="'ring' needs at least 3 nodes"):
+        DecaConfig(topology="ring", num_nodes=2)
+    assert DecaConfig(topology="torus", num_nodes=9).num_nodes == 9
+    assert DecaConfig(method="fedavg", topology="ring", num_nodes=2).num_nodes == 2  # FedAvg has no graph
+
+
+def test_a_preset_says_which_values_a_default_cannot_undo(tmp_path, caplog):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 5.0e-5\nnum-nodes: 6\n")
+    cfg = DecaConfig.from_run_config({**DecaConfig().to_run_config(), "preset": str(preset), "num-nodes": 5})
+    assert (cfg.lr, cfg.num_nodes) == (5e-5, 5)
+    assert "sets lr=5e-05; a run-config value equal to the app default cannot undo" in caplog.text

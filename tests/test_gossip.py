@@ -69,6 +69,34 @@ def test_nodes_that_agree_stay_exactly_agreed_with_thirds():
     assert torch.equal(mixed, x)
 
 
+def test_bf16_halves_mix_in_difference_form_exact_at_consensus_and_average_preserving():
+    torch.manual_seed(2)
+    masters = [torch.randn(5000) * 0.02 for _ in range(3)]
+    sent = [m.to(torch.bfloat16) for m in masters]
+    agreed = mix([masters[0]], 0.5, [(0.25, [sent[0]]), (0.25, [sent[0]])], sent=[sent[0]])[0]
+    assert torch.equal(agreed, masters[0])  # the plain form is off by bf16 rounding: BMA would read it / lr
+    plain = mix([masters[0]], 0.5, [(0.25, [sent[0]]), (0.25, [sent[0]])])[0]
+    assert not torch.equal(plain, masters[0])
+    mixed = [mix([masters[i]], 0.5, [(0.25, [sent[j]]) for j in range(3) if j != i], sent=[sent[i]])[0]
+             for i in range(3)]
+    drift = (sum(m.double() for m in mixed) - sum(m.double() for m in masters)).abs().max()
+    assert drift < 1e-8  # symmetric W: the differences cancel; the plain form drifts by ~1e-4 here
+
+
+def test_a_bf16_node_that_agrees_with_its_neighbours_keeps_its_fp32_master(tiny_cfg):
+    from deca_flower.runtime import build_runtime
+
+    node = build_runtime(tiny_cfg, 0).node
+    node.model.to(torch.bfloat16)
+    node.start_block(1)
+    node.local_step()
+    masters = [m.clone() for m in node.active.masters]
+    same = {k: v.clone() for k, v in node.block_values().items()}  # neighbours sent what this node sent
+    node.apply_mix(0.5, [(0.25, same), (0.25, same)])
+    assert node.active.has_copy
+    assert all(torch.equal(m, before) for m, before in zip(node.active.masters, masters))
+
+
 def test_consensus_distance_is_the_mean_squared_distance_to_the_average():
     from deca_flower.core.reference import consensus_distance
 

@@ -38,6 +38,9 @@ def test_alpaca_style_file_gets_first_word_categories(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}))
     with pytest.raises(DataError, match="needs an instruction"):
         load_instructions(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "gap.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3] + [{"instruction": None, "output": "a"}]))
+    with pytest.raises(DataError, match=r"1 row\(s\) with a missing or empty 'instruction' \(rows \[3\]"):
+        load_instructions(str(tmp_path / "gap.jsonl"))  # not a prompt reading "None"
 
 
 def test_instruct_needs_instruction_data(tiny_cfg):

@@ -63,3 +63,43 @@ def test_a_process_that_died_before_its_reply_is_restored_from_its_newer_disk_st
     state._WARM.clear()
     with pytest.raises(state.StateLost, match="on disk: 3"):  # two behind: not a lost reply
         state.get_runtime(_context(1), cfg, 0)
+
+
+def test_a_message_whose_effects_are_on_disk_is_not_applied_twice(tiny_cfg, tmp_path):
+    """The process committed message "m3" and died before replying; the warm worker resends the
+    same message to a fresh process, which must refuse it instead of stepping again."""
+    state._WARM.clear()
+    cfg = tiny_cfg.replace(state_sync="step", state_dir=str(tmp_path / "nodes"))
+    runtime = state.get_runtime(_context(0), cfg, 0)
+    runtime.node.start_block(1)
+    for generation in range(3):
+        runtime.node.local_step()
+        state.commit(_context(generation), runtime, f"m{generation + 1}")
+    state._WARM.clear()
+    with pytest.raises(state.StateLost, match="message m3 was already handled"):
+        state.get_runtime(_context(2), cfg, 0, message_id="m3")
+    assert state.get_runtime(_context(2), cfg, 0, message_id="m4").generation == 3  # a new message goes on
+
+
+def test_a_crash_between_the_block_and_the_position_leaves_the_older_pair_whole(tiny_cfg, tmp_path, monkeypatch):
+    state._WARM.clear()
+    cfg = tiny_cfg.replace(state_sync="step", state_dir=str(tmp_path / "nodes"))
+    runtime = state.get_runtime(_context(0), cfg, 0)
+    runtime.node.start_block(1)
+    runtime.node.local_step()
+    state.commit(_context(0), runtime)
+    saved = {name: p.detach().clone() for name, p in runtime.node.model.named_parameters()}
+    runtime.node.local_step()
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed after writing the active block, before position.json")
+
+    monkeypatch.setattr(state.json, "dumps", die)
+    with pytest.raises(KeyboardInterrupt):
+        state.commit(_context(1), runtime)
+    monkeypatch.undo()
+    state._WARM.clear()
+    restored = state.get_runtime(_context(1), cfg, 0)
+    assert restored.generation == 1
+    for name, p in restored.node.model.named_parameters():
+        assert torch.equal(p, saved[name]), name

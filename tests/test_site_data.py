@@ -51,3 +51,10 @@ def test_sites_that_number_classes_differently_are_refused(tiny_cfg, tmp_path):
 def test_a_label_outside_the_agreed_list_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"labels \['tech'\] that are not in"):
         load_corpus(write_site(tmp_path / "x.jsonl", TOPICS), labels=["sport", "politics"])
+
+
+def test_a_missing_label_is_refused_not_made_a_class(tmp_path):
+    csv = tmp_path / "gap.csv"
+    csv.write_text("text,label\nfirst,1\nsecond,\nthird,0\n")  # pandas reads the gap as NaN
+    with pytest.raises(DataError, match=r"missing or empty 'label' \(rows \[1\]"):
+        load_corpus(str(csv))

@@ -1,5 +1,10 @@
 """Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j.
 
+With a bf16 model the neighbours' halves are bf16 while `own` is the node's fp32 master, so the
+mix takes the difference form own + sum_j W[i,j] * (half_j - sent_i), sent_i being what this node
+sent (its bf16 half): equal in exact arithmetic, but nodes that agree get exactly their own block
+back, where the plain form would hand BMA (1 - W[i,i]) x bf16 rounding / lr of noise as "disagreement".
+
 Validation lives here too, so that nothing malformed is ever averaged into a model.
 """
 
@@ -51,8 +56,10 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
+def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, list[torch.Tensor]]],
+        sent: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Weighted sum, accumulated in float64 and returned as fp32; weights must sum to 1.
+    `sent`: the (bf16) values this node sent for `own`, when they differ: the difference form above.
 
     float64 matters: BMA divides theta - mixed by lr, so fp32 rounding in the mix (x/3 + x/3 + x/3 != x)
     would become an lr-sized Adam step on weights the nodes already agree on. It is accumulated
@@ -74,7 +81,11 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
         buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
         for start in range(0, numel, FLOAT64_SLICE):
             end = min(start + FLOAT64_SLICE, numel)
-            acc = buffer[:end - start].copy_(flat_own[start:end]).mul_(self_weight)
+            acc = buffer[:end - start].copy_(flat_own[start:end])
+            if sent is None:
+                acc.mul_(self_weight)
+            else:  # own - (1 - W_ii) * sent_i + sum_j W_ij * half_j
+                acc.add_(sent[k].reshape(-1)[start:end], alpha=self_weight - 1.0)
             for weight, flat in flat_others:
                 acc.add_(flat[start:end].to(acc.device), alpha=weight)  # added in float64 without a float64 copy
             flat_mixed[start:end].copy_(acc)

@@ -135,7 +135,8 @@ class DecaNode:
         for n, (_, block) in enumerate([] if validated else others):
             check_block(block, expected, senders[n] if senders else f"neighbour {n}")
         names = active.block.param_names
-        mixed = mix(active.masters, self_weight, [(w, [b[k] for k in names]) for w, b in others])
+        sent = [expected[k] for k in names] if active.has_copy else None  # bf16: see core/gossip.py
+        mixed = mix(active.masters, self_weight, [(w, [b[k] for k in names]) for w, b in others], sent)
         self.apply_mixed(mixed)
 
     def apply_mixed(self, mixed: list[torch.Tensor]) -> None:

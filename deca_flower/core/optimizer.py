@@ -180,7 +180,8 @@ class BlockAdam:
         if "stepped" in tensors:
             self._stepped = [bool(x) for x in tensors["stepped"]]
         if "m_before.0" in tensors:
-            self._moments_before = [(tensors[f"m_before.{i}"], tensors[f"v_before.{i}"]) for i in range(n)]
+            self._moments_before = [(tensors[f"m_before.{i}"].to(self.masters[i].device),
+                                    tensors[f"v_before.{i}"].to(self.masters[i].device)) for i in range(n)]
 
     def optimizer_bytes(self) -> int:
         """Bytes held for this block: Adam moments, grads, and trivial BMA's moment copies (not the weights)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 
-from deca_flower.data.sources import DataError, load_table
+from deca_flower.data.sources import DataError, load_table, require_values
 
 CHATTERBOT = "chatterbot-english"
 CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
@@ -84,11 +84,11 @@ def _as_instructions(raw: Dataset, name: str) -> Dataset:
                         f"column; has {raw.column_names}")
     if len(raw) == 0:
         raise DataError(f"data set {name} is empty")
+    require_values(raw[instruction], name, instruction)
+    require_values(raw[response], name, response)
     extra = raw["input"] if "input" in columns else [""] * len(raw)
     texts = [f"{q}\n{x}".strip() if x else str(q).strip() for q, x in zip(raw[instruction], extra)]
-    responses = [str(r).strip() if r is not None else "" for r in raw[response]]
-    if any(not t or not r for t, r in zip(texts, responses)):
-        raise DataError(f"data set {name} has rows with an empty instruction or response")
+    responses = [str(r).strip() for r in raw[response]]
     if "category" in columns:
         categories = [str(c) for c in raw["category"]]
     else:

@@ -29,6 +29,9 @@ def build_partitioner(train: Dataset, kind: str, num_partitions: int, *, alpha: 
     elif kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif kind == "shard":
+        if num_partitions * shards_per_node > len(train):
+            raise DataError(f"{num_partitions} nodes x shards-per-node={shards_per_node} shards but only "
+                            f"{len(train)} training examples: lower shards-per-node")
         partitioner = ShardPartitioner(
             num_partitions=num_partitions, partition_by="label",
             num_shards_per_partition=shards_per_node, seed=seed,

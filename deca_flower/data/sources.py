@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Value, disable_progress_bars, load_dataset
@@ -22,6 +23,15 @@ DEFAULT_DATASET = "bbc-news"
 
 class DataError(ValueError):
     """The data set is missing, empty or lacks the text/label columns."""
+
+
+def require_values(values: list, name: str, column: str) -> None:
+    """Refuse missing cells (None, NaN from a CSV gap, blank): str() would make them a class or a prompt."""
+    blank = [i for i, v in enumerate(values)
+             if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip()]
+    if blank:
+        raise DataError(f"data set {name}: {len(blank)} row(s) with a missing or empty '{column}' "
+                        f"(rows {blank[:5]}, counting from 0)")
 
 
 def load_corpus(name: str, labels: list[str] | None = None) -> Dataset:
@@ -64,8 +74,8 @@ def _as_classification(raw: Dataset, name: str, labels: list[str] | None = None)
     raw = raw.select_columns(["text", "label"])
     if len(raw) == 0:
         raise DataError(f"data set {name} is empty")
-    if any(t is None or not str(t).strip() for t in raw["text"]):
-        raise DataError(f"data set {name} has empty or missing text rows")
+    for column in ("text", "label"):
+        require_values(raw[column], name, column)
     if labels:
         found = {str(v) for v in raw["label"]}
         unknown = sorted(found - set(labels))

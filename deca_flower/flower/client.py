@@ -41,7 +41,8 @@ def partition_id_of(context: Context) -> int:
 def runtime_for(msg: Message, context: Context) -> NodeRuntime:
     cfg = DecaConfig(**{k.replace("-", "_"): v for k, v in msg.content[rk.CONFIG].items()})
     data_path = context.node_config.get("data-path")  # the site's own file, read by no one else
-    return get_runtime(context, cfg, partition_id_of(context), str(data_path) if data_path else None)
+    return get_runtime(context, cfg, partition_id_of(context), str(data_path) if data_path else None,
+                       msg.metadata.message_id)
 
 
 def secure_channel(runtime: NodeRuntime, context: Context) -> PairwiseChannel:
@@ -126,13 +127,13 @@ def handle_query(msg: Message, context: Context) -> Message:
         forget_checkpoints(runtime)
     if rk.RESUME_VISIT in ask:
         restore_checkpoint(runtime, int(ask[rk.RESUME_VISIT]))
-        commit(context, runtime)
+        commit(context, runtime, msg.metadata.message_id)
     if rk.SEND_BLOCKS in ask:
         content[rk.BLOCKS] = rk.block_to_record(
             {name: t for b in ask[rk.SEND_BLOCKS] for name, t in runtime.node.stored_block(int(b)).items()})
     if rk.BLOCKS in msg.content:
         try:
-            _take_blocks(runtime, context, msg.content[rk.BLOCKS], int(ask[rk.VISIT]))
+            _take_blocks(runtime, context, msg.content[rk.BLOCKS], int(ask[rk.VISIT]), msg.metadata.message_id)
         except (BlockError, rk.RecordError) as err:
             return Message(Error(BAD_NEIGHBOUR_BLOCK, f"node {runtime.partition_id} cannot rejoin: {err}"), reply_to=msg)
     content[rk.NODE_INFO] = ConfigRecord({
@@ -148,7 +149,7 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _take_blocks(runtime: NodeRuntime, context: Context, record: ArrayRecord, visit: int) -> None:
+def _take_blocks(runtime: NodeRuntime, context: Context, record: ArrayRecord, visit: int, message_id: str) -> None:
     """Rejoin: drop the unfinished visit and adopt a neighbour's current blocks (checked first)."""
     node = runtime.node
     received = rk.record_to_block(record, "the neighbour of a rejoining node")
@@ -162,7 +163,7 @@ def _take_blocks(runtime: NodeRuntime, context: Context, record: ArrayRecord, vi
     for index, values in adopted.items():
         node.overwrite_block(index, values)
     save_blocks(runtime, adopted, visit)
-    commit(context, runtime)
+    commit(context, runtime, message_id)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -207,7 +208,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         if runtime.excluded_last_step:
             content[rk.EXCLUDED] = ConfigRecord({"senders": runtime.excluded_last_step})
             runtime.excluded_last_step = []
-    commit(context, runtime)
+    commit(context, runtime, msg.metadata.message_id)
     return Message(content, reply_to=msg)
 
 

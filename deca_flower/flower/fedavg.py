@@ -106,8 +106,9 @@ def _config_only(msg: Message) -> Message:
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What FedAvg sends: every parameter once (a tied LM head is the embedding, not a second copy)."""
-    return {name: p.detach() for name, p in model.named_parameters()}
+    """What FedAvg sends: every parameter once (a tied LM head is the embedding, not a second copy).
+    In fp32: ArrayRecord has no bfloat16, the dtype of a GPU node's weights (a no-op on CPU's fp32)."""
+    return {name: p.detach().float() for name, p in model.named_parameters()}
 
 
 def _load_global(runtime, msg: Message) -> None:

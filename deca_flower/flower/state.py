@@ -7,9 +7,10 @@ also land on another actor. So:
   so a stale or foreign copy is never used;
 - disk tier: `<state dir>/node_<partition>/`: every finished block visit as
   `block_<b>.v<visit>.safetensors` and a checkpoint `checkpoint.v<visit>.json` (minibatch RNG
-  state); `position.json` (generation, active block, minibatch RNG) and, with
-  state-sync="step", `active.safetensors` (active block, Adam moments, whether a fold is pending)
-  after every message. A process without a warm copy rebuilds the runtime and overlays these.
+  state); `position.json` (generation, active block, minibatch RNG, the message it answered) and,
+  with state-sync="step", `active.g<generation>.safetensors` (active block, Adam moments, whether a
+  fold is pending) after every message, the older one deleted only once position.json names the
+  new one. A process without a warm copy rebuilds the runtime and overlays these.
 
 Checkpoints are block-boundary snapshots for `resume=true`. When the finish of a visit rides on
 a step of another block (state-sync="block"), the node writes it in a background thread while
@@ -59,9 +60,10 @@ def generation_of(context: Context) -> int:
     return int(record["generation"]) if record is not None else 0
 
 
-def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path: str | None = None) -> NodeRuntime:
+def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path: str | None = None,
+                message_id: str = "") -> NodeRuntime:
     """The node's runtime at the generation recorded in its context (warm, or restored), once
-    every background save of this process has landed."""
+    every background save of this process has landed. `message_id`: the message about to be handled."""
     wait_for_saves()
     key = (context.run_id, context.node_id)
     generation = generation_of(context)
@@ -70,30 +72,39 @@ def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path:
         return runtime
     runtime = build_runtime(cfg, partition_id, data_path=data_path)
     if generation:
-        _restore(runtime, generation)
+        _restore(runtime, generation, message_id)
     _drop_other_runs(context.run_id)
     _WARM[key] = runtime
     return runtime
 
 
-def commit(context: Context, runtime: NodeRuntime) -> None:
-    """Record that a message was processed: bump the generation and persist the position."""
+def commit(context: Context, runtime: NodeRuntime, message_id: str = "") -> None:
+    """Record that message `message_id` was processed: bump the generation and persist the position."""
     runtime.generation += 1
     context.state[STATE_RECORD] = ConfigRecord({"generation": runtime.generation})
     folder = node_dir(runtime.cfg, runtime.partition_id)
     folder.mkdir(parents=True, exist_ok=True)
     node = runtime.node
     mid_block = node.optimizer is not None
+    active = _active_file(folder, runtime.generation)
     if runtime.cfg.state_sync == "step" and mid_block:
         tensors = {f"w.{k}": v.cpu() for k, v in node.block_values().items()}
         tensors.update({f"opt.{k}": v.cpu() for k, v in node.optimizer.state_tensors().items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "active.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, active.with_suffix(".tmp"))
+        active.with_suffix(".tmp").replace(active)
     position = {"generation": runtime.generation, "active": node.active_index,
                 "synced": runtime.cfg.state_sync == "step" or not mid_block,
-                "sampler": node.sampler.state()}
+                "sampler": node.sampler.state(), "message": message_id}
     tmp = folder / "position.json.tmp"
     tmp.write_text(json.dumps(position))
     tmp.replace(folder / "position.json")
+    for old in folder.glob("active.g*.safetensors"):  # a crash before the line above leaves the old pair whole
+        if old != active:
+            old.unlink()
+
+
+def _active_file(folder: Path, generation: int) -> Path:
+    return folder / f"active.g{generation:09d}.safetensors"
 
 
 def save_blocks(runtime: NodeRuntime, blocks: dict[int, dict[str, torch.Tensor]], visit: int, *,
@@ -184,7 +195,7 @@ def forget_checkpoints(runtime: NodeRuntime, after: int = -1) -> None:
         partial.unlink()
 
 
-def _restore(runtime: NodeRuntime, generation: int) -> None:
+def _restore(runtime: NodeRuntime, generation: int, message_id: str) -> None:
     folder = node_dir(runtime.cfg, runtime.partition_id)
     position_file = folder / "position.json"
     position = json.loads(position_file.read_text()) if position_file.is_file() else {}
@@ -195,11 +206,15 @@ def _restore(runtime: NodeRuntime, generation: int) -> None:
             f"node {runtime.partition_id}: state at generation {generation} is not in this process and "
             f"not on disk under {folder} (on disk: {position.get('generation')}). Several simulation "
             "actors or a restarted process need state-sync='step'.")
+    if message_id and position["generation"] == generation + 1 and position.get("message") == message_id:
+        raise StateLost(  # its effects are on disk; running it again would apply it twice
+            f"node {runtime.partition_id}: message {message_id} was already handled by a process that died "
+            f"before replying; its reply is lost. Continue the run with resume=true (last block boundary).")
     _load_blocks(runtime, upto=None)
     params = dict(runtime.node.model.named_parameters())
     runtime.node.sampler.load_state(position["sampler"])
     if position["active"] is not None:
-        saved = load_file(folder / "active.safetensors")
+        saved = load_file(_active_file(folder, position["generation"]))
         with torch.no_grad():  # weights first: start_block derives the fp32 masters from them
             for name in runtime.node.blocks[position["active"]].param_names:
                 params[name].copy_(saved[f"w.{name}"])
