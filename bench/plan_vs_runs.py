@@ -34,7 +34,7 @@ def main() -> None:
         if cfg.method not in PLANNED:
             print(f"| {folder} | {cfg.method} | not modelled by the plan | | | | | |")
             continue
-        plan = make_plan(cfg.replace(bma=cfg.effective_bma))
+        plan = make_plan(cfg)
         fedavg = cfg.method == "fedavg"
         bytes_plan = plan.fedavg_bytes_per_node_run if fedavg else plan.bytes_per_node_run
         opt_plan = plan.full_adam_optimizer_bytes if fedavg else plan.deca_optimizer_bytes

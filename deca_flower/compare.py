@@ -75,14 +75,10 @@ def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path)
     return summary
 
 
-def evals_of(out_dir: Path, label: str) -> list[dict[str, Any]]:
+def records_of(out_dir: Path, label: str, kind: str) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl lines of one kind ("eval", "visit")."""
     lines = (out_dir / "runs" / label / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
-
-
-def visits_of(out_dir: Path, label: str) -> list[dict[str, Any]]:
-    lines = (out_dir / "runs" / label / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "visit"]
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def headline_of(summaries: dict[str, dict[str, Any]]) -> tuple[str, str]:
@@ -119,7 +115,7 @@ def write_report(name: str, spec: dict[str, Any], summaries: dict[str, dict[str,
                                  ("bytes_sent_per_node", "MiB sent per node", f"{first}_vs_bytes.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for label in summaries:
-            evals = evals_of(out_dir, label)
+            evals = records_of(out_dir, label, "eval")
             xs = [e[x_key] / (mib if x_key != "step" else 1) for e in evals]
             ax.plot(xs, [e[f"{first}_mean"] for e in evals], marker="o", label=label)
         ax.set_xlabel(x_label)
@@ -133,17 +129,22 @@ def write_report(name: str, spec: dict[str, Any], summaries: dict[str, dict[str,
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in summaries:
-        visits = visits_of(out_dir, label)
+        visits = records_of(out_dir, label, "visit")
         if visits:
             ax.plot([v["step"] for v in visits], [v["consensus_distance"] for v in visits], marker=".", label=label)
     ax.set_xlabel("inner step")
     ax.set_ylabel("consensus distance of relayed blocks")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # FedAvg-only comparisons relay no blocks
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "consensus_vs_step.png", dpi=120)
     plt.close(fig)
+
+
+def in_spec_order(spec: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["label"]: summaries[r["label"]] for r in spec["runs"] if r["label"] in summaries}
 
 
 def compare(path: str, only: list[str] | None = None, plots_only: bool = False) -> Path:
@@ -152,23 +153,23 @@ def compare(path: str, only: list[str] | None = None, plots_only: bool = False) 
     name = Path(path).stem
     out_dir = ROOT / "results" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict[str, Any]] = {}
     old = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
-    runs = [r for r in spec["runs"] if not only or r["label"] in only]
+    # earlier results stay in the report until a run of this call replaces them (a failed run loses nothing)
+    summaries = {r["label"]: {**old[r["label"]], "command": command_for(spec, r, out_dir)[1]}
+                 for r in spec["runs"] if r["label"] in old}
     for i, run in enumerate(spec["runs"]):
         label = run["label"]
-        if run not in runs or plots_only:
-            if label in old:
-                summaries[label] = {**old[label], "command": command_for(spec, run, out_dir)[1]}
+        if plots_only or (only and label not in only):
             continue
         print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: running", flush=True)
-        summaries[label] = run_one(name, spec, run, out_dir)
-        s = summaries[label]
+        summaries[label] = s = run_one(name, spec, run, out_dir)
         key = headline_of({label: s})[0]
         print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: {key} {s['final'][key + '_mean']:.3f} "
               f"+- {s['final'][key + '_std']:.3f} in {s['wall_time_s']:.0f}s", flush=True)
-        write_report(name, spec, {k: summaries[k] for k in summaries}, out_dir)  # partial results survive
-    write_report(name, spec, summaries, out_dir)
+        write_report(name, spec, in_spec_order(spec, summaries), out_dir)
+    if not summaries:
+        raise SystemExit(f"no results for {path} yet: run it without --plots-only first")
+    write_report(name, spec, in_spec_order(spec, summaries), out_dir)
     print(f"wrote {out_dir / 'README.md'}")
     return out_dir
 

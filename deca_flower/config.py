@@ -83,7 +83,7 @@ class DecaConfig:
     block_order: str = "descending"
     """Order of block visits within a round (descending: top layers first, the fastest gain measured)."""
     embeddings: str = "block"
-    """Input embeddings (and a tied lm_head): their own block, or frozen."""
+    """Input embeddings and the lm_head (tied or not): their own blocks, or frozen."""
     lr: float = 1e-4
     """Adam learning rate."""
     beta1: float = 0.9

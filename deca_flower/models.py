@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -76,28 +78,34 @@ def load_model(name: str, device: torch.device, *, seed: int = 0) -> tuple[PreTr
 
 
 def prepare_default_model(quiet: bool = False) -> Path:
-    """Convert the packaged SmolLM2 GGUF into a cached safetensors model dir (once)."""
+    """Convert the packaged SmolLM2 GGUF into a cached safetensors model dir (once; processes that
+    start together, e.g. a simulation's actors, wait on a file lock for the first one)."""
     target = cache_dir() / DEFAULT_MODEL
     if (target / "model.safetensors").is_file():
         return target
     say = (lambda *_: None) if quiet else (lambda msg: print(f"[deca-flower prepare] {msg}", flush=True))
-    start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf = _find_gguf(Path(tmp), say)
-        say(f"dequantising {gguf.name} with transformers (about 30 s)")
-        from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = from_gguf.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(from_gguf.state_dict())
-        model.tie_weights()
-        partial = target.with_name(target.name + ".partial")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(target)
-    say(f"cached {sum(p.numel() for p in model.parameters()):,} parameters at {target} in {time.time() - start:.0f} s")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():  # made by another process while this one waited
+            return target
+        start = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = _find_gguf(Path(tmp), say)
+            say(f"dequantising {gguf.name} with transformers (about 30 s)")
+            from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = from_gguf.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(from_gguf.state_dict())
+            model.tie_weights()
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # left by a process killed mid-save
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            partial.rename(target)
+        say(f"cached {sum(p.numel() for p in model.parameters()):,} parameters at {target} in {time.time() - start:.0f} s")
     return target
 
 

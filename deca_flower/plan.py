@@ -8,7 +8,8 @@ for P parameters, the active block's b parameters, w bytes per weight (4 on CPU,
                                    [+ 8 moment copies for bma=trivial]); BMA keeps no theta copy
     full Adam               = P * (4 fp32 grad + 8 moments [+ 4 fp32 master if bf16])
     bytes per exchange      = b * w * degree (each neighbour gets the half-step block once)
-    FedAvg                  = 2 * P * w per round (model down and up), T * B rounds of R steps
+    FedAvg                  = 2 * P * 4 per round (model down and up, fp32: ArrayRecord has no bf16),
+                              T * B rounds of R steps
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
     total = sum(params.values())
     w = 2 if bf16 else 4
     master = 4 if bf16 else 0
-    deca_opt = max(sizes) * (4 + 8 + master + (8 if cfg.bma == "trivial" else 0))
+    deca_opt = max(sizes) * (4 + 8 + master + (8 if cfg.effective_bma == "trivial" else 0))
     full_opt = total * (4 + 8 + master)
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     degree = 2 * graph.number_of_edges() / cfg.num_nodes
@@ -74,7 +75,7 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
         deca_optimizer_bytes=deca_opt, full_adam_optimizer_bytes=full_opt,
         deca_peak_bytes=total * w + deca_opt, full_adam_peak_bytes=total * w + full_opt,
         mean_degree=degree, bytes_per_exchange_mean=sum(sizes) / len(sizes) * w * degree,
-        bytes_per_node_run=per_run, fedavg_bytes_per_node_run=2.0 * total * w * cfg.rounds * len(blocks),  # T*B rounds of R steps
+        bytes_per_node_run=per_run, fedavg_bytes_per_node_run=2.0 * total * 4 * cfg.rounds * len(blocks),  # T*B rounds of R steps
         train_messages=cfg.num_nodes * visits * steps_per_visit,
     )
 

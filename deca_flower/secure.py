@@ -79,14 +79,17 @@ class PairwiseChannel:
             return
         if str(pid) not in self.trusted:
             raise SecurityError(f"node {pid} has no trusted identity key")
-        public = bytes.fromhex(public_hex)
         try:
+            public = bytes.fromhex(public_hex)
             Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.trusted[str(pid)])).verify(
                 bytes.fromhex(signature_hex), _signed_message(self.run_id, pid, public))
+            peer = X25519PublicKey.from_public_bytes(public)
         except InvalidSignature as err:
             raise SecurityError(f"public key of node {pid} is not signed by its identity key "
                                 "(a relay in the middle?)") from err
-        shared = self.ephemeral.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as err:  # not hex, or not a key's length
+            raise SecurityError(f"malformed public key or signature for node {pid}: {err}") from None
+        shared = self.ephemeral.exchange(peer)
         lo, hi = sorted((self.pid, pid))
         key = HKDF(hashes.SHA256(), 32, salt=None, info=f"deca-flower pair {lo}-{hi} run {self.run_id}".encode()).derive(shared)
         self.pair_keys[pid] = AESGCM(key)

@@ -74,7 +74,7 @@ def test_coordinator_stops_with_the_node_named_on_an_error_reply(tiny_cfg, tmp_p
 
 def test_missing_nodes_and_missing_replies_are_reported(tiny_cfg, tmp_path):
     cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=3, node_wait_s=1))
-    with pytest.raises(CoordinationError, match="only 2 of num-nodes=3"):
+    with pytest.raises(CoordinationError, match=r"only 2 of 3 SuperNodes \(num-nodes=3\)"):
         run_deca(InProcessGrid(client_app, 2), cfg, run_dir)
     coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3), tmp_path)
     grid.drop_replies_from = {coordinator.node_of[1]}
@@ -124,3 +124,39 @@ def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
     far = {k: v * 100.0 for k, v in own.items()}
     [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far})])
     assert reply.has_error() and "max-block-deviation" in reply.error.reason
+
+
+
+def test_a_half_that_does_not_decode_or_match_is_left_out_of_the_consensus_distance(tiny_cfg, tmp_path, caplog):
+    # on-bad-block=exclude: the nodes left such a half out and went on; the relay's metric must too
+    coordinator, _ = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
+    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+    halves = coordinator.progress.halves
+    x0, x2 = (rk.record_to_block(halves[pid], "t") for pid in (0, 2))
+    halves[1] = rk.block_to_record({k: v.reshape(-1) for k, v in rk.record_to_block(halves[1], "t").items()})
+    with caplog.at_level("WARNING"):
+        distance = coordinator._consensus_distance()
+    # two nodes left: each is half their difference away from the mean
+    assert distance == pytest.approx(sum(float(((x0[k] - x2[k]) ** 2).sum()) for k in x0) / 4)
+    assert "node 1's half has other tensors" in caplog.text
+    halves[2] = rk.block_to_record({"w": torch.zeros(2)})
+    halves[2]["block"].data = bytes(halves[2]["block"].data)[:-4]  # truncated
+    with caplog.at_level("WARNING"):
+        assert coordinator._consensus_distance() == 0.0  # node 0 alone
+    assert "block from node 2" in caplog.text and "its manifest describes" in caplog.text
+
+
+@pytest.mark.parametrize("pushed", [[], ["id-1", None]], ids=["HTTP 413", "one refused"])
+def test_messages_the_superlink_refuses_stop_the_exchange(pushed, monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from deca_flower.flower.coordinator import send_and_receive
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, name, 7)
+    grid = SimpleNamespace(push_messages=lambda messages: pushed)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=rk.QUERY) for n in (1, 2)]
+    with pytest.raises(CoordinationError, match=f"refused {2 - len([p for p in pushed if p])} of 2"):
+        send_and_receive(grid, messages, timeout=1.0)

@@ -28,6 +28,16 @@ def test_bad_block_size(k, message):
         partition_blocks(tiny_random_model(0), layers_per_block=k)
 
 
+def test_a_second_layer_stack_is_refused_not_merged_by_index():
+    model = tiny_random_model(0)
+    model.vision_layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # named vision_layers.0.*: no match
+    partition_blocks(model, layers_per_block=2)
+    model.tower = torch.nn.Module()
+    model.tower.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # tower.layers.0.* beside model.layers.0.*
+    with pytest.raises(ValueError, match="several layer stacks"):
+        partition_blocks(model, layers_per_block=2)
+
+
 def test_only_active_block_has_grads_and_state_and_lower_layers_get_no_backward():
     model = tiny_random_model(0)
     blocks = partition_blocks(model, layers_per_block=2)

@@ -35,3 +35,36 @@ def test_run_config_string_round_trips_through_flowers_parser():
 
     values = {"method": "deca", "lr": 0.001, "eval-initial": False, "num-nodes": 4}
     assert parse_overrides(run_config_string(values)) == values
+
+
+def test_a_failed_run_loses_no_earlier_result(tmp_path, monkeypatch):
+    import json
+
+    from deca_flower import compare as cmp
+
+    spec_file = tmp_path / "three.yaml"
+    spec_file.write_text("config: {model: tiny-random}\nruns: [{label: a}, {label: b}, {label: c}]\n")
+    out_dir = tmp_path / "results" / "three"
+
+    def summary(accuracy):
+        return {"final": {"accuracy_mean": accuracy, "accuracy_std": 0.0, "macro_f1_mean": 0.0, "macro_f1_std": 0.0},
+                "method": "deca", "topology": "ring", "bytes_sent_per_node": 1, "wall_time_s": 1, "inner_steps": 1}
+
+    for label in "abc":  # an earlier compare of all three
+        (out_dir / "runs" / label).mkdir(parents=True)
+        (out_dir / "runs" / label / "metrics.jsonl").write_text(
+            json.dumps({"kind": "eval", "step": 1, "bytes_sent_per_node": 1, "accuracy_mean": 0.1}) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({label: summary(0.1) for label in "abc"}))
+
+    def run_one(name, spec, run, out):
+        if run["label"] == "c":
+            raise RuntimeError("c failed")
+        return {**summary(0.9), "command": "flwr run ..."}
+
+    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    monkeypatch.setattr(cmp, "run_one", run_one)
+    with pytest.raises(RuntimeError, match="c failed"):
+        cmp.compare(str(spec_file), only=["a", "c"])
+    results = json.loads((out_dir / "results.json").read_text())
+    assert list(results) == ["a", "b", "c"]
+    assert [results[k]["final"]["accuracy_mean"] for k in "abc"] == [0.9, 0.1, 0.1]

@@ -181,3 +181,49 @@ def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
     saved = newest_blocks(Path(cfg.state_dir))
     mine, theirs = saved[("node_002", f"block_{top:03d}")], saved[(f"node_{rejoin['from']:03d}", f"block_{top:03d}")]
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
+def test_a_node_lost_during_an_evaluation_is_dropped_like_in_training(tiny_cfg, tmp_path):
+    from deca_flower.core.topology import build_graph
+
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete"))
+    grid = InProcessGrid(client_app, cfg.num_nodes)
+    coordinator = Coordinator(grid, cfg, RunWriter(run_dir))
+    coordinator.query_nodes(coordinator.wait_for_nodes())
+    coordinator.graph = build_graph("complete", 4)
+    grid.drop_replies_from = {coordinator.node_of[3]}
+    record = coordinator.evaluate(list(coordinator.node_of), 0, 1, final=True)
+    assert record["nodes"] == 3 and list(coordinator.dropped) == [3]
+    check_mixing_matrix(coordinator.weights[:3, :3])
+    grid.drop_replies_from = set(coordinator.node_of.values())
+    with pytest.raises(CoordinationError, match="no node answered the evaluation"):
+        coordinator.evaluate([0], 0, -1)
+
+
+def test_a_run_resumes_without_the_nodes_it_had_dropped(tiny_cfg, tmp_path):
+    from deca_flower.flower.job import run_deca
+    from tests.inprocess import KilledRun
+
+    cfg = tiny_cfg.replace(num_nodes=4, topology="complete", rounds=2, eval_every_blocks=2, rejoin_probe_s=0.0)
+    whole, _ = run_with_faults(cfg.replace(run_name="whole", state_dir=str(tmp_path / "whole")), crash={3: 2})
+
+    state._WARM.clear()
+    cfg = cfg.replace(run_name="killed", state_dir=str(tmp_path / "killed"))
+    killed_cfg, run_dir = prepare_run(cfg)
+    grid = InProcessGrid(client_app, cfg.num_nodes)
+    grid.crash_after, grid.kill_after = {103: 2}, 22
+    with pytest.raises(KilledRun):
+        run_deca(grid, killed_cfg, run_dir)
+    assert json.loads((run_dir / "checkpoint.json").read_text())["dropped"].keys() == {"3"}
+    state._WARM.clear()
+    survivors = {pid: {"partition-id": pid, "num-partitions": 4} for pid in range(3)}  # node 3 stays gone
+    resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
+    resumed = run_deca(InProcessGrid(client_app, 3, run_id=8, node_configs=survivors), resumed_cfg, run_dir)
+    assert list(resumed["dropped_nodes"]) == [3] and resumed["final"] == whole["final"]
+
+    state._WARM.clear()
+    resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
+    node_3_back_not_1 = {0: survivors[0], 1: survivors[2], 2: {"partition-id": 3, "num-partitions": 4}}
+    with pytest.raises(CoordinationError, match=r"without partition\(s\) \[1\]"):  # 1 was taking part
+        run_deca(InProcessGrid(client_app, 3, run_id=9, node_configs=node_3_back_not_1), resumed_cfg, run_dir)

@@ -34,6 +34,9 @@ def test_flower_blocks_equal_reference(tiny_cfg, bma):
             torch.testing.assert_close(p_fl, p_ref, rtol=1e-5, atol=1e-6, msg=name)
     assert summary["final"]["accuracy_mean"] == pytest.approx(reference["accuracy_mean"])
     assert summary["inner_steps"] == reference["inner_steps"] == 2 * 3 * cfg.steps_per_block
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval" and e["block"] >= 0]
+    assert [e["round"] for e in evals] == [0, 1]  # eval-every-blocks=0: at the end of each round
 
 
 def test_run_folder_contents(tiny_cfg):
@@ -75,3 +78,29 @@ def test_oracle_and_fast_reference_agree(tiny_cfg):
     for a, b in zip(slow, fast):
         for pa, pb in zip(a.node.model.parameters(), b.node.model.parameters()):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_reference_keeps_bf16_nodes_fp32_masters_as_the_oracle_does(tiny_cfg):
+    # bf16 weights, fp32 masters (the GPU layout): the one-matmul mix must use gossip.mix's
+    # difference form too, or bf16 rounding of the halves lands in the masters and, / lr, in BMA
+    from deca_flower.core.reference import run_reference
+    from deca_flower.core.schedule import build_schedule
+    from deca_flower.core.topology import build_graph, metropolis_hastings
+
+    weights = metropolis_hastings(build_graph("complete", 3))
+
+    def masters_after_each_step(fast: bool) -> list[list[torch.Tensor]]:
+        nodes = [rt.node for rt in build_nodes(tiny_cfg)]
+        for node in nodes:
+            node.model.to(torch.bfloat16)
+        seen: list[list[torch.Tensor]] = []
+        schedule = build_schedule(len(nodes[0].blocks), 1, "descending")[:2]
+        run_reference(nodes, weights, schedule, 3, fast=fast,
+                      on_step=lambda *_: seen.append([m.clone() for n in nodes for m in n.active.masters]))
+        return seen
+
+    oracle, fast = masters_after_each_step(False), masters_after_each_step(True)
+    assert len(oracle) == len(fast) == 6
+    for step_oracle, step_fast in zip(oracle, fast):
+        for a, b in zip(step_oracle, step_fast):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

@@ -48,3 +48,15 @@ def test_fedavg_uses_flowers_strategy_end_to_end(tiny_cfg):
     from deca_flower.plan import make_plan  # the tied LM head travels once: bytes as planned (+ .npy headers)
 
     assert summary["bytes_sent_per_node"] == pytest.approx(make_plan(tiny_cfg).fedavg_bytes_per_node_run, rel=0.03)
+
+
+@pytest.mark.parametrize("method", ["deca", "deca-trivial", "dadam"])
+def test_planned_optimizer_bytes_are_what_the_nodes_hold(tiny_cfg, method):
+    from deca_flower.plan import make_plan
+
+    cfg = tiny_cfg.replace(method=method)
+    nodes = build_nodes(cfg)
+    run_reference_job(cfg, runtimes=nodes)
+    plan = make_plan(cfg)
+    planned = plan.full_adam_optimizer_bytes if method == "dadam" else plan.deca_optimizer_bytes
+    assert max(n.node.peak_optimizer_bytes for n in nodes) == planned

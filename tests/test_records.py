@@ -54,6 +54,7 @@ def test_malformed_blocks_are_rejected_naming_the_sender():
         (packed(b'[["w", "float32", [2]]]', b"\x00" * 12), "describes"),  # trailing bytes
         (packed(b'[["w", "int64", [1]]]', b"\x00" * 8), "manifest is not"),             # unknown dtype
         (packed(b'[["w", "float32", [-1]]]', b""), "manifest is not"),                  # negative dimension
+        (packed(b'[["w", "float32", [4294967296, 4294967296]]]', b""), "describes"),  # 2^64 elements: int64 overflows to 0
         (packed(b'not json', b""), "unreadable manifest"),
         (ArrayRecord({"block": Array(dtype="uint8", shape=(3,), stype=PACKED, data=b"\x00" * 3)}), "too short"),
         (ArrayRecord({"block": Array(dtype="uint8", shape=(8,), stype=PACKED, data=struct.pack("<Q", 99))}),

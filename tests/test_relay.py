@@ -192,3 +192,26 @@ def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in()
     assert grid._client.pulled.count(reply.object_id) == 4
     assert torch.equal(rk.record_to_block(pulled.content[rk.HALF], "node 7")["w"],
                        rk.record_to_block(reply.content[rk.HALF], "node 7")["w"])
+
+
+def test_a_slow_upload_is_waited_for_by_time_not_by_a_count_of_looks(monkeypatch):
+    # Flower's pull gives up after 500 looks per object: at 0.05 s apart that is ~25 s, not
+    # UPLOAD_WAIT_S; a block uploading for longer (a large model, a slow link) must still arrive
+    monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_S", 1e-5)
+    monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_CAP_S", 1e-5)
+    reply = _reply_with_block({"w": torch.randn(64)})
+    store = InMemoryObjectStore()
+    _store(store, reply)
+    grid = _grid(store, reply)
+    pull_object = grid._client.PullObject
+
+    def uploading(request):
+        if request.object_id == reply.object_id and grid._client.pulled.count(reply.object_id) < 600:
+            grid._client.pulled.append(request.object_id)
+            return PullObjectResponse(object_found=True, object_available=False)
+        return pull_object(request)
+
+    grid._client.PullObject = uploading
+    [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
+    assert not pulled.has_error()
+    assert grid._client.pulled.count(reply.object_id) == 601

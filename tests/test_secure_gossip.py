@@ -62,3 +62,18 @@ def test_swapped_public_key_is_refused(secure_cfg, tmp_path):
     coordinator.public_keys[2] = (mallory.public.hex(), coordinator.public_keys[2][1])  # relay in the middle
     with pytest.raises(Exception, match="not signed by its identity key"):
         coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+
+
+
+@pytest.mark.parametrize(("relayed", "message"), [
+    (("zz", None), "malformed public key or signature for node 2"),  # a ValueError crashed the node before
+    ((None, "ab"), "not signed by its identity key"),
+], ids=["key not hex", "short signature"])
+def test_malformed_relayed_key_is_refused_as_a_bad_neighbour(secure_cfg, tmp_path, relayed, message):
+    from deca_flower.flower.coordinator import CoordinationError
+
+    coordinator, _ = started_coordinator(secure_cfg, tmp_path)
+    public, signature = coordinator.public_keys[2]
+    coordinator.public_keys[2] = (relayed[0] or public, relayed[1] or signature)
+    with pytest.raises(CoordinationError, match=message):
+        coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)

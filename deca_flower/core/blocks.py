@@ -45,9 +45,11 @@ def partition_blocks(model: nn.Module, layers_per_block: int, embeddings: str = 
     embed_ids = {id(p) for p in input_embedding.parameters()} if input_embedding is not None else set()
     output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in output_embedding.parameters()} if output_embedding is not None else set()
+    stacks = set()
     for name, param in model.named_parameters():  # tied weights are yielded once
         match = _LAYER.match(name)
         if match:
+            stacks.add(match["prefix"])
             by_layer.setdefault(int(match["index"]), []).append(name)
         elif id(param) in embed_ids:
             embed.append(name)
@@ -55,6 +57,8 @@ def partition_blocks(model: nn.Module, layers_per_block: int, embeddings: str = 
             head.append(name)
         else:
             rest.append(name)
+    if len(stacks) > 1:  # e.g. a vision tower beside the decoder: their layer N must not share a block
+        raise ValueError(f"model has several layer stacks {sorted(stacks)}: blocks are cut from one decoder stack")
     num_layers = len(by_layer)
     if num_layers == 0:
         raise ValueError("model has no decoder layers named '...layers.N...': cannot form blocks")

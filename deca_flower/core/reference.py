@@ -61,15 +61,20 @@ def mix_oracle(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str
 
 
 def mix_fast(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> None:
-    """All nodes at once: for every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul."""
+    """All nodes at once: for every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul; a bf16
+    node adds master_i - half_i, the difference form of gossip.mix (exact at consensus)."""
     names = list(halves[0])
     w = torch.as_tensor(weights, dtype=torch.float64)
+    masters = [dict(zip(n.active.block.param_names, n.active.masters)) if n.active.has_copy else None
+               for n in nodes]
     mixed_per_node: list[list[torch.Tensor]] = [[] for _ in nodes]
     for name in names:  # float64 accumulation, as gossip.mix (see why there)
         stacked = torch.stack([h[name].double() for h in halves])                 # [n, *shape]
-        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1).float()    # [n, *shape]
-        for i in range(len(nodes)):
-            mixed_per_node[i].append(mixed[i])
+        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1)            # [n, *shape]
+        for i, own in enumerate(masters):
+            if own is not None:
+                mixed[i] += own[name].double() - stacked[i]
+            mixed_per_node[i].append(mixed[i].float())
     for node, mixed in zip(nodes, mixed_per_node):
         node.apply_mixed(mixed)
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
@@ -82,24 +84,24 @@ class Coordinator:
 
     # -- setup ---------------------------------------------------------------------------
 
-    def wait_for_nodes(self) -> list[int]:
+    def wait_for_nodes(self, needed: int | None = None) -> list[int]:
+        """Up to num-nodes connected node ids, once `needed` (default: num-nodes) are there."""
+        needed = needed or self.cfg.num_nodes
         deadline = time.time() + self.cfg.node_wait_s
         while True:
             node_ids = list(self.grid.get_node_ids())
-            if len(node_ids) >= self.cfg.num_nodes:
+            if len(node_ids) >= needed:
                 return sorted(node_ids)[: self.cfg.num_nodes]
             if time.time() > deadline:
                 raise CoordinationError(
-                    f"only {len(node_ids)} of num-nodes={self.cfg.num_nodes} SuperNodes connected within "
+                    f"only {len(node_ids)} of {needed} SuperNodes (num-nodes={self.cfg.num_nodes}) connected within "
                     f"{self.cfg.node_wait_s:.0f}s (simulation: --federation-config 'num-supernodes={self.cfg.num_nodes}')")
             time.sleep(1.0)
 
     def query_nodes(self, node_ids: list[int], *, fresh: bool = True) -> dict[int, dict[str, Any]]:
         """Map Flower node ids to partition ids; nodes load model and data while answering
         (fresh: and delete checkpoints an earlier attempt of this run left behind)."""
-        ask = ConfigRecord({rk.FRESH: fresh})
-        messages = [Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}), dst_node_id=nid,
-                            message_type=rk.QUERY) for nid in node_ids]
+        messages = [self._message(nid, rk.QUERY, {rk.FRESH: fresh}) for nid in node_ids]
         infos: dict[int, dict[str, Any]] = {}
         for reply in self._send(messages):
             info = dict(reply.content[rk.NODE_INFO])
@@ -145,8 +147,7 @@ class Coordinator:
                 totals.append(sum(m["step-s"] for m in metrics.values()))
                 losses.append(float(np.mean([m["loss"] for m in metrics.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m["opt-bytes"] for m in metrics.values())])
-            distance = (float("nan") if cfg.secure_gossip  # the relay cannot read sealed blocks
-                        else consensus_distance([rk.record_to_block(h, "relay") for h in progress.halves.values()]))
+            distance = self._consensus_distance()
             self.writer.append({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress.step,
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
                                 "bytes_sent_per_node": float(progress.bytes_sent.mean()),
@@ -176,24 +177,24 @@ class Coordinator:
         finish >= 0: after mixing, nodes finish their active block and save it as visit `finish`;
         block=-1: no step after that."""
         progress = self.progress
-        instruction = ConfigRecord({rk.STEP: progress.step, rk.MIX: bool(progress.halves),
-                                    rk.BLOCK: block, rk.START: start, rk.FINISH: finish})
+        instruction = {rk.STEP: progress.step, rk.MIX: bool(progress.halves), rk.BLOCK: block, rk.START: start,
+                       rk.FINISH: finish}
         messages = []
         for pid, nid in self.node_of.items():
-            content = RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: instruction})
+            records: dict[str, Any] = {}
             nbrs = neighbours(weights, pid)
             if self.cfg.secure_gossip:  # relayed as received; each node checks the signatures itself
-                content[rk.KEYS] = ConfigRecord({f"{kind}.{j}": self.public_keys[j][n]
+                records[rk.KEYS] = ConfigRecord({f"{kind}.{j}": self.public_keys[j][n]
                                                  for j in nbrs for n, kind in enumerate(("pub", "sig"))})
             if progress.halves:
                 mixing = {"self": float(weights[pid, pid])}
                 for j, w in nbrs.items():
                     key = f"{rk.NEIGHBOUR_PREFIX}{j}"
                     sent = progress.halves[j]
-                    content[key] = sent[f"{rk.SEALED_PREFIX}{pid}"] if self.cfg.secure_gossip else sent
+                    records[key] = sent[f"{rk.SEALED_PREFIX}{pid}"] if self.cfg.secure_gossip else sent
                     mixing[key] = w
-                content[rk.WEIGHTS] = ConfigRecord(mixing)
-            messages.append(Message(content, dst_node_id=nid, message_type=rk.TRAIN))
+                records[rk.WEIGHTS] = ConfigRecord(mixing)
+            messages.append(self._message(nid, rk.TRAIN, instruction, records))
         halves, metrics = {}, {}
         for reply in self._send(messages, dropouts_allowed=self.graph is not None):
             pid = self._pid(reply)
@@ -216,6 +217,26 @@ class Coordinator:
         if block >= 0:
             progress.step += 1
         return dict(sorted(metrics.items()))
+
+    def _consensus_distance(self) -> float:
+        """Of the last halves; a measurement, so a half that does not decode or does not match the
+        others' tensors (one the nodes excluded, with on-bad-block=exclude) is left out, with a warning."""
+        if self.cfg.secure_gossip:  # the relay cannot read sealed blocks
+            return float("nan")
+        blocks: dict[int, dict[str, torch.Tensor]] = {}
+        for pid, half in self.progress.halves.items():
+            try:
+                blocks[pid] = rk.record_to_block(half, f"node {pid}")
+            except rk.RecordError as err:
+                log.warning("consensus distance: %s; left out", err)
+        layouts = Counter(_layout_of(block) for block in blocks.values())
+        if not layouts:
+            return float("nan")
+        common = layouts.most_common(1)[0][0]
+        for pid in [pid for pid, block in blocks.items() if _layout_of(block) != common]:
+            log.warning("consensus distance: node %d's half has other tensors than its neighbours'; left out", pid)
+            del blocks[pid]
+        return consensus_distance(list(blocks.values()))
 
     # -- block boundaries: checkpoint and rejoin -------------------------------------------
 
@@ -247,9 +268,12 @@ class Coordinator:
         self.rejoined = list(state["rejoined"])
         for pid in self.dropped:
             self.node_of.pop(pid, None)
-        ask = ConfigRecord({rk.RESUME_VISIT: int(state["visit"])})
-        self._send([Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}), dst_node_id=nid,
-                            message_type=rk.QUERY) for nid in self.node_of.values()])
+        missing = sorted(set(range(self.cfg.num_nodes)) - set(self.node_of) - set(self.dropped))
+        if missing:
+            raise CoordinationError(f"cannot resume without partition(s) {missing}: they were taking part at the "
+                                    f"checkpoint (only nodes dropped by then, {sorted(self.dropped)}, may be missing)")
+        self._send([self._message(nid, rk.QUERY, {rk.RESUME_VISIT: int(state["visit"])})
+                    for nid in self.node_of.values()])
         if self.dropped:
             self._reweight()
 
@@ -259,26 +283,25 @@ class Coordinator:
         if not self._may_rejoin():
             return
         in_use = set(self.node_of.values())
-        probes = [Message(RecordDict({rk.CONFIG: self.config_record}), dst_node_id=nid, message_type=rk.QUERY)
-                  for nid in self.grid.get_node_ids() if nid not in in_use]
+        probes = [self._message(nid, rk.QUERY) for nid in self.grid.get_node_ids() if nid not in in_use]
         back = {}
         for reply in send_and_receive(self.grid, probes, self.cfg.rejoin_probe_s):
-            pid = -1 if reply.has_error() else int(reply.content[rk.NODE_INFO]["partition-id"])
+            if reply.has_error():  # e.g. a node restarted mid-block under state-sync=block (StateLost)
+                log.warning("rejoin probe: node %d answered with an error: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            pid = int(reply.content[rk.NODE_INFO]["partition-id"])
             if pid in self.dropped:
                 back[pid] = reply.metadata.src_node_id
         for pid, nid in back.items():
             alive = [j for j in self.graph.neighbors(pid) if j in self.node_of] or sorted(self.node_of)
             donor = alive[0]
-            asked = Message(RecordDict({rk.CONFIG: self.config_record,
-                                        rk.INSTRUCTION: ConfigRecord({rk.SEND_BLOCKS: visited_blocks})}),
-                            dst_node_id=self.node_of[donor], message_type=rk.QUERY)
+            asked = self._message(self.node_of[donor], rk.QUERY, {rk.SEND_BLOCKS: visited_blocks})
             answered = self._send([asked], dropouts_allowed=True)
             if not answered:
                 continue
             blocks = answered[0].content[rk.BLOCKS]
-            handover = Message(RecordDict({rk.CONFIG: self.config_record, rk.BLOCKS: blocks,
-                                           rk.INSTRUCTION: ConfigRecord({rk.VISIT: visit})}),
-                               dst_node_id=nid, message_type=rk.QUERY)
+            handover = self._message(nid, rk.QUERY, {rk.VISIT: visit}, {rk.BLOCKS: blocks})
             replies = send_and_receive(self.grid, [handover], self.cfg.reply_timeout_s)
             if not replies or replies[0].has_error():
                 log.warning("node %d answered but could not rejoin: %s", pid,
@@ -299,10 +322,10 @@ class Coordinator:
 
     def evaluate(self, partitions: list[int], round_: int, block: int, *, final: bool = False) -> dict[str, Any]:
         """Held-out metrics of each node (the final one also asks for generated samples)."""
-        ask = ConfigRecord({rk.SAMPLES: final})
-        messages = [Message(RecordDict({rk.CONFIG: self.config_record, rk.INSTRUCTION: ask}),
-                            dst_node_id=self.node_of[pid], message_type=rk.EVALUATE) for pid in partitions]
-        replies = self._send(messages)
+        messages = [self._message(self.node_of[pid], rk.EVALUATE, {rk.SAMPLES: final}) for pid in partitions]
+        replies = self._send(messages, dropouts_allowed=self.graph is not None)  # as in training
+        if not replies:
+            raise CoordinationError(f"no node answered the evaluation at step {self.progress.step}")
         per_node = {self._pid(r): dict(r.content[rk.METRICS]) for r in replies}
         samples = {self._pid(r): r.content[rk.SAMPLES] for r in replies if rk.SAMPLES in r.content}
         if samples:
@@ -320,6 +343,16 @@ class Coordinator:
         return record
 
     # -- plumbing ------------------------------------------------------------------------
+
+    def _message(self, node_id: int, message_type: str, instruction: dict[str, Any] | None = None,
+                 records: dict[str, Any] | None = None) -> Message:
+        """To one node: the run config (every handler checks it), the instruction and any other records."""
+        content = RecordDict({rk.CONFIG: self.config_record})
+        if instruction is not None:
+            content[rk.INSTRUCTION] = ConfigRecord(instruction)
+        for key, record in (records or {}).items():
+            content[key] = record
+        return Message(content, dst_node_id=node_id, message_type=message_type)
 
     def _send(self, messages: list[Message], dropouts_allowed: bool = False) -> list[Message]:
         """Replies of every node; with dropouts_allowed, silent or crashed nodes are dropped instead."""
@@ -380,7 +413,11 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
     """Push, then pull the replies every PULL_INTERVAL_S until all are in or `timeout` passed;
     `sent_to` gets each pushed message id -> its destination node. (Grid.send_and_receive pauses 3 s.)"""
     pushed = list(grid.push_messages(messages))
-    if sent_to is not None and len(pushed) == len(messages):
+    if len(pushed) != len(messages) or None in pushed:  # HttpGrid: [] on HTTP 413, None for a refused message
+        refused = len(messages) - len([i for i in pushed if i is not None])
+        raise CoordinationError(f"the SuperLink refused {refused} of {len(messages)} messages "
+                                "(payload too large or malformed: see Flower's log above)")
+    if sent_to is not None:
         sent_to.update(zip(pushed, (m.metadata.dst_node_id for m in messages)))
     pending = set(pushed)
     confirm_after_push(grid)
@@ -396,3 +433,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
         elif pending:
             break
     return replies
+
+
+def _layout_of(block: dict[str, torch.Tensor]) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in block.items())

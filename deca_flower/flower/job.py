@@ -32,8 +32,10 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     writer.write_config(cfg.to_run_config())
     coordinator = Coordinator(grid, cfg, writer)
     started = time.time()
-    log.info("waiting for %d nodes", cfg.num_nodes)
-    infos = coordinator.query_nodes(coordinator.wait_for_nodes(), fresh=checkpoint is None)
+    # a resumed run can go on without the nodes it had dropped (they may rejoin later)
+    needed = cfg.num_nodes - len(checkpoint["dropped"]) if checkpoint else cfg.num_nodes
+    log.info("waiting for %d nodes", needed)
+    infos = coordinator.query_nodes(coordinator.wait_for_nodes(needed), fresh=checkpoint is None)
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     weights = metropolis_hastings(graph)
     coordinator.graph = graph
@@ -42,9 +44,10 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
         coordinator.resume(checkpoint)
         weights = coordinator.weights if coordinator.dropped else weights
         log.info("resuming %s after visit %d (step %d)", run_dir, checkpoint["visit"], checkpoint["step"])
-    num_blocks, steps_per_visit = int(infos[0]["num-blocks"]), int(infos[0]["steps-per-visit"])
+    first = infos[min(infos)]  # the same on every node: one model, one config
+    num_blocks, steps_per_visit = int(first["num-blocks"]), int(first["steps-per-visit"])
     log.info("%d nodes ready in %.0fs; %s graph with %d edges, spectral gap %.3f; %d blocks x %d steps x %d rounds",
-             cfg.num_nodes, time.time() - started, cfg.topology, graph.number_of_edges(), gap, num_blocks,
+             len(infos), time.time() - started, cfg.topology, graph.number_of_edges(), gap, num_blocks,
              steps_per_visit, cfg.rounds)
     if not any(info["own-data"] for info in infos.values()):  # sites' own files are not the server's to plot
         plot_label_distribution(partitioner_for(cfg), run_dir, f"{cfg.partitioner} split over {cfg.num_nodes} nodes")
@@ -53,7 +56,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     else:
         initial = coordinator.evaluate([0], 0, -1) if cfg.eval_initial else None
         coordinator.progress.started = time.time()  # elapsed_s in metrics counts training, not node setup
-    coordinator.train(weights, num_blocks, steps_per_visit, cfg.eval_every_blocks,
+    coordinator.train(weights, num_blocks, steps_per_visit, cfg.eval_every_blocks or num_blocks,
                       visits_done=checkpoint["visit"] + 1 if checkpoint else 0)
     final = writer.evaluations[-1]
     summary = {

@@ -14,6 +14,7 @@ simulation engine's Ray object store moves them without copying them into and ou
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
 
@@ -56,10 +57,8 @@ PACKED = "deca-packed-v1"  # Array stype of a packed block
 PACKED_KEY = "block"      # its key in the ArrayRecord
 _ALIGN = 8
 _LENGTH = struct.Struct("<Q")
-_WIRE = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.float16),
-         torch.bfloat16: ("bfloat16", np.int16)}
-_FROM_NAME = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _WIRE.items()}
-_NUMPY_TO_TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int16: torch.int16}
+_WIRE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_FROM_NAME = {name: dtype for dtype, name in _WIRE.items()}
 
 
 class RecordError(ValueError):
@@ -71,7 +70,7 @@ def _layout(manifest_bytes: int, entries: list) -> tuple[list[int], list[int], i
     offsets, sizes, end = [], [], _LENGTH.size + manifest_bytes
     for _, wire_name, shape in entries:
         end = -(-end // _ALIGN) * _ALIGN
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_FROM_NAME[wire_name][1]).itemsize
+        size = math.prod(shape) * _FROM_NAME[wire_name].itemsize  # Python ints: a hostile shape cannot overflow
         offsets.append(end)
         sizes.append(size)
         end += size
@@ -83,7 +82,7 @@ def block_to_record(block: dict[str, torch.Tensor]) -> ArrayRecord:
     for name, tensor in block.items():
         if tensor.dtype not in _WIRE:
             raise RecordError(f"cannot send '{name}' of dtype {tensor.dtype}")
-        entries.append([name, _WIRE[tensor.dtype][0], list(tensor.shape)])
+        entries.append([name, _WIRE[tensor.dtype], list(tensor.shape)])
     manifest = json.dumps(entries).encode()
     offsets, sizes, total = _layout(len(manifest), entries)
     packed = torch.zeros(total, dtype=torch.uint8)  # zeros: the padding, hence the object ids, are deterministic
@@ -133,12 +132,10 @@ def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]
     with warnings.catch_warnings():  # torch warns that the bytes are not writable: they need not be
         warnings.simplefilter("ignore", UserWarning)
         for (name, wire_name, shape), offset, size in zip(entries, offsets, sizes):
-            dtype, np_dtype = _FROM_NAME[wire_name]
-            wire = _NUMPY_TO_TORCH[np_dtype]
-            count = size // np.dtype(np_dtype).itemsize
-            tensor = torch.frombuffer(data, dtype=wire, count=count, offset=offset) if count else torch.empty(0, dtype=wire)
-            tensor = tensor.reshape(shape)
-            out[name] = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+            dtype = _FROM_NAME[wire_name]
+            count = size // dtype.itemsize
+            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+            out[name] = tensor.reshape(shape)
     if len(out) != len(entries):
         raise RecordError(f"block from {sender}: a tensor name appears twice in the manifest")
     return out
@@ -146,4 +143,4 @@ def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]
 
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes, from the arrays' shapes (a relayed array's data is not on the ServerApp)."""
-    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())

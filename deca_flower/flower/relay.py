@@ -178,7 +178,7 @@ def _pull_without_chunks(tree: Any, fetch: FetchObjects, pull_one: Callable[[str
     # one after 1 s, which put a ~1 s pause into every inner step: wait for the message object with
     # short retries instead; once it is here, so is everything below it.
     contents = pull_objects([tree.object_id], pull_one, initial_backoff=UPLOAD_RETRY_S, backoff_cap=UPLOAD_RETRY_CAP_S,
-                            max_time=UPLOAD_WAIT_S)
+                            max_time=UPLOAD_WAIT_S, max_tries_per_object=None)  # Flower's 500 tries: ~25 s
     contents |= pull_objects([node.object_id for node in [*tree.children, *records, *arrays]], pull_one)
     prebuilt: dict[str, InflatableObject] = {}
     for record in records:
