@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deca_flower.task import ClassificationTask, pad
+from deca_flower.task import ClassificationTask, collate_pairs
 
 PROMPT_HEAD = "Question: "
 PROMPT_TAIL = "\nAnswer:"
@@ -55,18 +55,8 @@ class InstructionTask:
                             np.asarray(data["label"], dtype=np.int64))
 
     def collate(self, data: EncodedPairs, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+response ids and, flattened, the positions predicting response tokens."""
-        seqs, rows, cols, targets = [], [], [], []
-        for row, i in enumerate(indices):
-            prompt, response = data.prompts[i], data.responses[i]
-            seqs.append(prompt + response)
-            rows += [row] * len(response)
-            cols += range(len(prompt) - 1, len(prompt) - 1 + len(response))
-            targets += response
-        input_ids, attention = pad(seqs, self.pad_id, device)
-        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return {"input_ids": input_ids, "attention_mask": attention,
-                "rows": as_long(rows), "cols": as_long(cols), "targets": as_long(targets)}
+        """Prompt + response tokens, the response tokens as targets."""
+        return collate_pairs([(data.prompts[i], data.responses[i]) for i in indices], self.pad_id, device)
 
     @torch.no_grad()
     def evaluate(self, model: PreTrainedModel, data: EncodedPairs, batch_size: int, device: torch.device) -> dict[str, float]:

@@ -10,6 +10,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,9 +41,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@functools.lru_cache(maxsize=4)
 def split_data(dataset: str, task: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    return _split_data(dataset, _local_version(dataset), task, test_fraction, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_data(dataset: str, version: tuple, task: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     return train_test(load_instructions(dataset) if task == "instruct" else load_corpus(dataset), test_fraction, seed)
+
+
+def _local_version(dataset: str) -> tuple:
+    """Names, sizes and mtimes of a local data file or folder (empty for a packaged or hub data set):
+    warm processes outlive runs, and a file edited between two runs must not come from the cache."""
+    path = Path(dataset)
+    if not path.exists():
+        return ()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
 
 def partitioner_for(cfg: DecaConfig):

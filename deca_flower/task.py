@@ -45,6 +45,21 @@ def pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
+def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+target ids and, flattened, the positions predicting the target tokens
+    (the LM head then runs only there: see ClassificationTask.loss)."""
+    seqs, rows, cols, targets = [], [], [], []
+    for row, (prompt, target) in enumerate(pairs):
+        seqs.append(prompt + target)
+        rows += [row] * len(target)
+        cols += range(len(prompt) - 1, len(prompt) - 1 + len(target))
+        targets += target
+    input_ids, attention = pad(seqs, pad_id, device)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": input_ids, "attention_mask": attention,
+            "rows": as_long(rows), "cols": as_long(cols), "targets": as_long(targets)}
+
+
 class ClassificationTask:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, label_names: list[str], max_text_tokens: int) -> None:
         self.tokenizer = tokenizer
@@ -70,19 +85,9 @@ class ClassificationTask:
     # -- training ----------------------------------------------------------------------
 
     def collate(self, data: Encoded, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+label ids and, flattened, the positions predicting label tokens."""
-        seqs, rows, cols, targets = [], [], [], []
-        for row, i in enumerate(indices):
-            prompt, label = data.prompts[i], self.label_ids[int(data.labels[i])]
-            seqs.append(prompt + label)
-            for j, token in enumerate(label):
-                rows.append(row)
-                cols.append(len(prompt) - 1 + j)
-                targets.append(token)
-        input_ids, attention = pad(seqs, self.pad_id, device)
-        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return {"input_ids": input_ids, "attention_mask": attention,
-                "rows": as_long(rows), "cols": as_long(cols), "targets": as_long(targets)}
+        """Prompt + label tokens, the label tokens as targets."""
+        return collate_pairs([(data.prompts[i], self.label_ids[int(data.labels[i])]) for i in indices],
+                             self.pad_id, device)
 
     @staticmethod
     def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -71,3 +71,10 @@ def test_a_preset_says_which_values_a_default_cannot_undo(tmp_path, caplog):
     cfg = DecaConfig.from_run_config({**DecaConfig().to_run_config(), "preset": str(preset), "num-nodes": 5})
     assert (cfg.lr, cfg.num_nodes) == (5e-5, 5)
     assert "sets lr=5e-05; a run-config value equal to the app default cannot undo" in caplog.text
+
+
+def test_an_unparsable_run_config_is_a_message_not_a_traceback(capsys):
+    from deca_flower.cli import main
+
+    assert main(["reference", "--run-config", "bma=none"]) == 2  # a string needs quotes
+    assert "--run-config 'bma=none'" in capsys.readouterr().err

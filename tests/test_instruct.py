@@ -41,6 +41,10 @@ def test_alpaca_style_file_gets_first_word_categories(tmp_path):
     (tmp_path / "gap.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3] + [{"instruction": None, "output": "a"}]))
     with pytest.raises(DataError, match=r"1 row\(s\) with a missing or empty 'instruction' \(rows \[3\]"):
         load_instructions(str(tmp_path / "gap.jsonl"))  # not a prompt reading "None"
+    with_categories = [{**r, "category": "greet"} for r in rows[:3]] + [{**rows[3], "category": ""}]
+    (tmp_path / "category.jsonl").write_text("\n".join(json.dumps(r) for r in with_categories))
+    with pytest.raises(DataError, match=r"missing or empty 'category' \(rows \[3\]"):
+        load_instructions(str(tmp_path / "category.jsonl"))  # not a category named "" or "None"
 
 
 def test_instruct_needs_instruction_data(tiny_cfg):

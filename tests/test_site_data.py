@@ -58,3 +58,15 @@ def test_a_missing_label_is_refused_not_made_a_class(tmp_path):
     csv.write_text("text,label\nfirst,1\nsecond,\nthird,0\n")  # pandas reads the gap as NaN
     with pytest.raises(DataError, match=r"missing or empty 'label' \(rows \[1\]"):
         load_corpus(str(csv))
+
+
+def test_a_data_file_edited_between_runs_is_read_again(tmp_path):
+    # warm processes (simulation actors, deca-flower-supernode) outlive a run; the split cache must not
+    from deca_flower.runtime import split_data
+
+    path = tmp_path / "site.csv"
+    path.write_text("text,label\n" + "".join(f"old text {i},a\n" for i in range(10)))
+    first, _ = split_data(str(path), "classify", 0.2, 0)
+    path.write_text("text,label\n" + "".join(f"new text number {i},b\n" for i in range(12)))
+    second, _ = split_data(str(path), "classify", 0.2, 0)
+    assert all(t.startswith("old") for t in first["text"]) and all(t.startswith("new") for t in second["text"])

@@ -51,7 +51,9 @@ def test_a_bad_poll_interval_is_refused(capsys):
 
 
 def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_given_up(caplog):
-    launcher = supernode.TaskRunnerLauncher(runner=(sys.executable, "-c", "import sys; sys.exit(3)"))
+    gave_up = []
+    launcher = supernode.TaskRunnerLauncher(runner=(sys.executable, "-c", "import sys; sys.exit(3)"),
+                                            on_give_up=lambda: gave_up.append(True))
     other = launcher.Popen([sys.executable, "-c", "print('untouched')"], stdout=subprocess.PIPE)
     assert other.communicate()[0].strip() == b"untouched"
     first = launcher.Popen(["flower-superexec", "--insecure"])
@@ -60,6 +62,7 @@ def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_g
     while "not restarting it" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "starting a new one" in caplog.text and "exited with 3 twice" in caplog.text
+    assert gave_up == [True]  # the SuperNode stops instead of staying registered without a runner
 
 
 def test_a_second_reply_to_a_message_is_dropped_by_the_supernode_state():
@@ -160,3 +163,27 @@ def test_a_task_in_the_supernode_waits_for_an_object_the_node_is_still_downloadi
     response = LocalRuntimeClient(state, claimed.token).PullObject(PullObjectRequest(object_id=record.object_id))
     download.join()
     assert response.object_available and response.object_content == record.deflate()
+
+
+def test_a_reply_that_cannot_be_pushed_still_closes_its_task_as_failed(monkeypatch):
+    from flwr.common.constant import SubStatus
+
+    from deca_flower.flower import task_runner
+
+    outputs = []
+    monkeypatch.setattr(task_runner, "LocalRuntimeClient", lambda state, token: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(task_runner, "HeartbeatSender", lambda fn: types.SimpleNamespace(start=lambda: None,
+                                                                                         is_running=False))
+    monkeypatch.setattr(task_runner, "make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(task_runner, "pull_task_input", lambda client: ("message", "context", None, None))
+
+    def push_message(client, reply, context):
+        raise ConnectionError("SuperNode went away")
+
+    monkeypatch.setattr(task_runner, "push_message", push_message)
+    monkeypatch.setattr(task_runner, "push_task_output",
+                        lambda client, context, status, details: outputs.append((status, details)))
+    executor = task_runner.InProcessExecutor(state=object())
+    executor.client_app, executor.fab_hash = (lambda message, context: "reply"), "fab"
+    executor.run_task(types.SimpleNamespace(token="t", task_id=3))
+    assert outputs == [(SubStatus.FAILED, "reply not pushed: ConnectionError: SuperNode went away")]

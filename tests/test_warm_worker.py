@@ -80,3 +80,65 @@ def test_worker_is_used_in_flowers_per_message_process_unless_turned_off(monkeyp
     assert worker.wanted(context({"partition-id": 0, "warm-worker": True}))
     monkeypatch.setenv(worker.IN_WORKER, "1")  # inside the worker: run the handlers
     assert not worker.wanted(context({"partition-id": 0, "warm-worker": True}))
+    monkeypatch.delenv(worker.IN_WORKER)
+    monkeypatch.setattr(worker, "_runs_here", False)
+    worker.run_here()  # deca-flower-supernode's task runner: warm itself ...
+    assert not worker.wanted(context({"partition-id": 0, "warm-worker": True}))
+    assert worker.IN_WORKER not in os.environ  # ... while the processes it starts for another app forward
+
+
+def _context(node_config):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_a_socket_folder_others_can_open_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    from deca_flower.flower import worker
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"deca-flower-{os.getuid()}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    with pytest.raises(worker.WorkerError, match="only this user can open"):
+        worker.socket_path(_context({"partition-id": 0}))
+    folder.chmod(0o700)
+    assert worker.socket_path(_context({"partition-id": 0})).parent == folder
+
+
+def test_a_worker_that_cannot_start_is_reported_at_once(tmp_path, monkeypatch):
+    import time
+
+    from deca_flower.flower import worker
+
+    with pytest.raises(worker.WorkerError, match="warm-worker-idle-s must be a positive"):
+        worker.forward(None, _context({"warm-worker-idle-s": -1.0}), tmp_path / "w.sock")
+    monkeypatch.setattr(worker.sys, "executable", "/bin/false")  # exits 1 at once
+    started = time.monotonic()
+    with pytest.raises(worker.WorkerError, match="exited with code 1 while starting"):
+        worker._start(tmp_path / "w.sock", 60.0)
+    assert time.monotonic() - started < 10  # not START_TIMEOUT_S
+
+
+def test_a_broken_connection_does_not_end_the_worker(tmp_path):
+    import socket
+    import threading
+    import time
+
+    from deca_flower.flower import worker
+
+    path = tmp_path / "w.sock"
+    server = threading.Thread(target=worker.serve, args=(path, 3.0), daemon=True)
+    server.start()
+    while not path.with_suffix(".pid").exists():  # written once it listens
+        time.sleep(0.01)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(path))
+    conn.sendall(worker._HEADER.pack(100) + b"only part of it")  # then the sender dies
+    conn.close()
+    time.sleep(0.5)
+    assert server.is_alive() and path.exists()  # still serving; it leaves after idle_s
+    server.join(timeout=10)
+    assert not server.is_alive() and not path.exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
+from filelock import FileLock
 
 from deca_flower.data.sources import DataError, load_table, require_values
 
@@ -67,12 +68,16 @@ def _chatterbot_wheel(cache: Path) -> Path:
     if found:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), CHATTERBOT_WHEEL]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(cache.glob("chatterbot_corpus-1.3.3-*.whl"))
-    if result.returncode != 0 or not found:
-        raise DataError(f"could not fetch {CHATTERBOT_WHEEL} with pip: {result.stderr.strip()[-500:]}")
-    return found[0]
+    with FileLock(str(cache / "chatterbot.lock")):  # simulation actors start together: one fetches, the rest wait
+        found = sorted(cache.glob("chatterbot_corpus-1.3.3-*.whl"))
+        if found:
+            return found[0]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), CHATTERBOT_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(cache.glob("chatterbot_corpus-1.3.3-*.whl"))
+        if result.returncode != 0 or not found:
+            raise DataError(f"could not fetch {CHATTERBOT_WHEEL} with pip: {result.stderr.strip()[-500:]}")
+        return found[0]
 
 
 def _as_instructions(raw: Dataset, name: str) -> Dataset:
@@ -90,6 +95,7 @@ def _as_instructions(raw: Dataset, name: str) -> Dataset:
     texts = [f"{q}\n{x}".strip() if x else str(q).strip() for q, x in zip(raw[instruction], extra)]
     responses = [str(r).strip() for r in raw[response]]
     if "category" in columns:
+        require_values(raw["category"], name, "category")  # a blank cell would become a category "None"
         categories = [str(c) for c in raw["category"]]
     else:
         first = [t.split()[0].lower().strip(".,:;!?") for t in texts]

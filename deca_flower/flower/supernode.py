@@ -20,7 +20,9 @@ The node's ClientApp runs warm, with its model and moments kept between messages
   process Flower would start; a task reads its message from the node's own state and object
   store, so a block crosses no further HTTP hop on the node;
 - `in-process`: in one runner process started as the SuperNode's SuperExec (in place of
-  `flower-superexec`) and started again if it dies; it restores the node from its on-disk state;
+  `flower-superexec`) and started again if it dies; it restores the node from its on-disk state
+  (a runner that dies twice within QUICK_EXIT_S of starting ends this SuperNode instead, for its
+  supervisor, e.g. compose's `restart: unless-stopped`, to start again);
 - `per-message`: Flower's way, a new `flwr-clientapp` process per message (which reaches the
   node's warm worker, flower/worker.py).
 
@@ -33,6 +35,8 @@ import argparse
 import importlib
 import inspect
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,8 +101,10 @@ def refuse_second_replies(state_class: type) -> bool:
 class TaskRunnerLauncher:
     """Stands in for `subprocess` inside Flower's SuperNode module: its SuperExec becomes the task runner."""
 
-    def __init__(self, runner: tuple[str, ...] = (sys.executable, "-m", "deca_flower.flower.task_runner")) -> None:
+    def __init__(self, runner: tuple[str, ...] = (sys.executable, "-m", "deca_flower.flower.task_runner"),
+                 on_give_up: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)) -> None:
         self.runner = runner
+        self.on_give_up = on_give_up  # default: end this SuperNode, so that its supervisor can start it again
 
     def Popen(self, command, *args, **kwargs):  # noqa: N802 (the name Flower calls)
         if not command or command[0] != "flower-superexec":
@@ -108,8 +114,7 @@ class TaskRunnerLauncher:
         threading.Thread(target=self._keep_running, args=(process, command, args, kwargs), daemon=True).start()
         return process
 
-    @staticmethod
-    def _keep_running(process: subprocess.Popen, command: list[str], args: tuple, kwargs: dict) -> None:
+    def _keep_running(self, process: subprocess.Popen, command: list[str], args: tuple, kwargs: dict) -> None:
         quick_exits = 0
         while True:
             started = time.monotonic()
@@ -117,7 +122,9 @@ class TaskRunnerLauncher:
             quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT_S else 0
             if quick_exits >= 2:
                 log.error("the task runner exited with %s twice within %.0fs of starting: not restarting it "
-                          "(its output is in this SuperNode's log)", code, QUICK_EXIT_S)
+                          "(its output is in this SuperNode's log); stopping this SuperNode, which would "
+                          "otherwise stay registered with nothing to run its messages", code, QUICK_EXIT_S)
+                self.on_give_up()
                 return
             log.warning("the task runner exited with %s: starting a new one (it restores the node from disk)", code)
             time.sleep(RESTART_PAUSE_S)

@@ -57,7 +57,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from flwr.supernode.servicer.runtime import runtime_handlers as supernode_handlers
 
 from deca_flower.flower.supernode import LOCAL_WAIT_S  # waits on the node's own state: no request, so short
-from deca_flower.flower.worker import IN_WORKER
+from deca_flower.flower.worker import run_here
 from deca_flower.logs import use_flower_logging
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,13 @@ class InProcessExecutor(SubprocessExecutor):
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
-                push_task_output(client, context, status, details)
-            except Exception:  # the SuperNode will see the task expire; this process keeps serving
+            except Exception as err:  # the coordinator sees no reply (a dropout); this process keeps serving
                 log.exception("could not push the reply of task %d", spec.task_id)
+                status, details = SubStatus.FAILED, f"reply not pushed: {type(err).__name__}: {err}"
+            try:  # always: or the task stays open on the SuperNode until its heartbeat lapses
+                push_task_output(client, context, status, details)
+            except Exception:
+                log.exception("could not push the output of task %d", spec.task_id)
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
@@ -162,7 +166,7 @@ def serve_in_supernode(state_factory: NodeStateFactory, runtime_api_address: str
     SuperNode process: claim the node's next task from its state, run it (this app's ClientApp
     tasks here; others in Flower's per-message process, which reaches the Runtime API over HTTP).
     An unexpected error is logged and the loop goes on; the node's model stays in this process."""
-    os.environ[IN_WORKER] = "1"  # this process is the warm node: the ClientApp must not forward to a worker
+    run_here()  # this process is the warm node: the ClientApp must not forward to a worker
     state = state_factory.state()
     executor = InProcessExecutor(state)
     plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
@@ -188,7 +192,9 @@ def main() -> None:
     from flwr.supercore.cli import flower_superexec
 
     use_flower_logging()
-    os.environ[IN_WORKER] = "1"  # this process is the warm node: the ClientApp must not forward to a worker
+    run_here()  # this process is the warm node: the ClientApp must not forward to a worker
+    # Flower's loop naps this long after every task, a message's launch included (default 1 s)
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
     executor = InProcessExecutor()
     run_superexec.get_executor = lambda *args, **kwargs: executor
     sys.argv[0] = "flower-superexec"

@@ -22,14 +22,17 @@ import argparse
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -40,18 +43,27 @@ from flwr.proto.message_pb2 import Message as MessageProto
 
 log = logging.getLogger(__name__)
 
-IN_WORKER = "DECA_FLOWER_IN_WORKER"  # set in the worker: its ClientApp runs the handlers itself
+IN_WORKER = "DECA_FLOWER_IN_WORKER"  # set in the worker's environment: its ClientApp runs the handlers itself
 START_TIMEOUT_S = 300.0
 _HEADER = struct.Struct("!Q")
+_runs_here = False  # see run_here
 
 
 class WorkerError(RuntimeError):
     """The warm worker could not be started or reached."""
 
 
+def run_here() -> None:
+    """This process keeps the node warm itself (deca-flower-supernode's task runner): never forward.
+    A flag in this process, not its environment, which the per-message processes it starts for
+    another app version inherit: they should forward to a warm worker."""
+    global _runs_here
+    _runs_here = True
+
+
 def wanted(context: Context) -> bool:
     """node-config warm-worker=true/false; unset: on in Flower's per-message flwr-clientapp process."""
-    if os.environ.get(IN_WORKER):
+    if _runs_here or os.environ.get(IN_WORKER):
         return False
     setting = context.node_config.get("warm-worker")
     if setting is None:
@@ -75,13 +87,18 @@ def socket_path(context: Context) -> Path:
     version = hashlib.sha256(str(Path(apps.__file__).resolve()).encode()).hexdigest()[:10]
     folder = Path(tempfile.gettempdir()) / f"deca-flower-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    found = folder.lstat()  # one another user made could hand this node's messages to their own listener
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise WorkerError(f"{folder} must be a directory that only this user can open (mode 700); remove it")
     return folder / f"p{context.node_config.get('partition-id', 'x')}-{version}.sock"
 
 
 def forward(msg: Message, context: Context, path: Path) -> Message:
     """Run the message in the worker; start (or restart) the worker if needed, retrying once."""
-    request = [message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()]
     idle_s = float(context.node_config.get("warm-worker-idle-s", 900.0))
+    if not 0 < idle_s < math.inf:
+        raise WorkerError(f"node-config warm-worker-idle-s must be a positive number of seconds, got {idle_s}")
+    request = [message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()]
     for attempt in (1, 2):
         try:
             with _connect(path) if path.exists() else _start(path, idle_s) as conn:
@@ -121,10 +138,12 @@ def _start(path: Path, idle_s: float) -> socket.socket:
             except ConnectionError:
                 path.unlink()
         env = {**os.environ, IN_WORKER: "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        with open(path.with_suffix(".log"), "a") as out:
-            subprocess.Popen([sys.executable, "-m", "deca_flower.flower.worker", str(path), "--idle-s", str(idle_s)],
-                             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)  # outlives this per-message process
+        log_file = path.with_suffix(".log")
+        with open(log_file, "a") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "deca_flower.flower.worker", str(path), "--idle-s", str(idle_s)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # outlives this per-message process
         deadline = time.time() + START_TIMEOUT_S
         while time.time() < deadline:
             if path.exists():
@@ -132,8 +151,10 @@ def _start(path: Path, idle_s: float) -> socket.socket:
                     return _connect(path)
                 except ConnectionError:
                     pass
+            if worker.poll() is not None:
+                raise WorkerError(f"warm worker exited with code {worker.returncode} while starting; see {log_file}")
             time.sleep(0.05)
-    raise WorkerError(f"warm worker did not start within {START_TIMEOUT_S:.0f}s; see {path.with_suffix('.log')}")
+    raise WorkerError(f"warm worker did not start within {START_TIMEOUT_S:.0f}s; see {log_file}")
 
 
 def _connect(path: Path) -> socket.socket:
@@ -185,25 +206,32 @@ def serve(path: Path, idle_s: float) -> None:
                 log.info("idle for %.0fs: exiting", idle_s)
                 return
             with conn:
-                conn.settimeout(None)
-                message_bytes, context_bytes = _receive(conn, 2)
-                message_proto, context_proto = MessageProto(), ContextProto()
-                message_proto.ParseFromString(message_bytes)
-                context_proto.ParseFromString(context_bytes)
-                context, message = context_from_proto(context_proto), message_from_proto(message_proto)
                 try:
-                    reply = app(message=message, context=context)
-                except Exception as err:  # as flwr-clientapp does: an error reply, node state unchanged
-                    log.exception("ClientApp raised")
-                    context = context_from_proto(context_proto)
-                    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
-                                    reply_to=message)
-                _send(conn, [message_to_proto(_with_bytes_payloads(reply)).SerializeToString(),
-                             context_to_proto(context).SerializeToString()])
+                    _answer(app, conn)
+                except (OSError, EOFError) as err:  # its process died (e.g. flwr stop): serve the next one
+                    log.warning("a connection broke: %s", err)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
         path.with_suffix(".pid").unlink(missing_ok=True)
+
+
+def _answer(app: Any, conn: socket.socket) -> None:
+    """One message in, its reply and the node's updated context out."""
+    conn.settimeout(None)
+    message_bytes, context_bytes = _receive(conn, 2)
+    message_proto, context_proto = MessageProto(), ContextProto()
+    message_proto.ParseFromString(message_bytes)
+    context_proto.ParseFromString(context_bytes)
+    context, message = context_from_proto(context_proto), message_from_proto(message_proto)
+    try:
+        reply = app(message=message, context=context)
+    except Exception as err:  # as flwr-clientapp does: an error reply, node state unchanged
+        log.exception("ClientApp raised")
+        context = context_from_proto(context_proto)
+        reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message)
+    _send(conn, [message_to_proto(_with_bytes_payloads(reply)).SerializeToString(),
+                 context_to_proto(context).SerializeToString()])
 
 
 def main() -> None:
