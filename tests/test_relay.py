@@ -169,10 +169,8 @@ def test_a_reply_whose_objects_are_gone_becomes_an_error_reply_from_its_node():
     assert grid._client.confirmed == []
 
 
-def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in():
-    """The SuperLink lists a reply once its node pushed the message, before the node has uploaded
-    the objects (the message object last). Flower's pull retries a missing object after 1 s, then
-    2 s: here the root is missing for the first three looks, and the pull takes well under 1 s."""
+def _still_uploading(looks: int) -> tuple[Message, HttpGrid]:
+    """A reply on a SuperLink whose message object is missing for the first `looks` looks."""
     reply = _reply_with_block({"w": torch.randn(64)})
     store = InMemoryObjectStore()
     _store(store, reply)
@@ -180,12 +178,20 @@ def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in()
     pull_object = grid._client.PullObject
 
     def uploading(request):
-        if request.object_id == reply.object_id and grid._client.pulled.count(reply.object_id) < 3:
+        if request.object_id == reply.object_id and grid._client.pulled.count(reply.object_id) < looks:
             grid._client.pulled.append(request.object_id)
             return PullObjectResponse(object_found=True, object_available=False)  # preregistered, not uploaded
         return pull_object(request)
 
     grid._client.PullObject = uploading
+    return reply, grid
+
+
+def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in():
+    """The SuperLink lists a reply once its node pushed the message, before the node has uploaded
+    the objects (the message object last). Flower's pull retries a missing object after 1 s, then
+    2 s: here the root is missing for the first three looks, and the pull takes well under 1 s."""
+    reply, grid = _still_uploading(looks=3)
     started = time.monotonic()
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert time.monotonic() - started < 1.0
@@ -199,19 +205,7 @@ def test_a_slow_upload_is_waited_for_by_time_not_by_a_count_of_looks(monkeypatch
     # UPLOAD_WAIT_S; a block uploading for longer (a large model, a slow link) must still arrive
     monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_S", 1e-5)
     monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_CAP_S", 1e-5)
-    reply = _reply_with_block({"w": torch.randn(64)})
-    store = InMemoryObjectStore()
-    _store(store, reply)
-    grid = _grid(store, reply)
-    pull_object = grid._client.PullObject
-
-    def uploading(request):
-        if request.object_id == reply.object_id and grid._client.pulled.count(reply.object_id) < 600:
-            grid._client.pulled.append(request.object_id)
-            return PullObjectResponse(object_found=True, object_available=False)
-        return pull_object(request)
-
-    grid._client.PullObject = uploading
+    reply, grid = _still_uploading(looks=600)
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert not pulled.has_error()
     assert grid._client.pulled.count(reply.object_id) == 601
