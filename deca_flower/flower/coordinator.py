@@ -14,19 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
 from deca_flower.config import DecaConfig
-from deca_flower.core.reference import consensus_distance
 from deca_flower.core.schedule import build_schedule
 from deca_flower.core.topology import metropolis_hastings, neighbours
 from deca_flower.flower import records as rk
@@ -219,24 +216,9 @@ class Coordinator:
         return dict(sorted(metrics.items()))
 
     def _consensus_distance(self) -> float:
-        """Of the last halves; a measurement, so a half that does not decode or does not match the
-        others' tensors (one the nodes excluded, with on-bad-block=exclude) is left out, with a warning."""
         if self.cfg.secure_gossip:  # the relay cannot read sealed blocks
             return float("nan")
-        blocks: dict[int, dict[str, torch.Tensor]] = {}
-        for pid, half in self.progress.halves.items():
-            try:
-                blocks[pid] = rk.record_to_block(half, f"node {pid}")
-            except rk.RecordError as err:
-                log.warning("consensus distance: %s; left out", err)
-        layouts = Counter(_layout_of(block) for block in blocks.values())
-        if not layouts:
-            return float("nan")
-        common = layouts.most_common(1)[0][0]
-        for pid in [pid for pid, block in blocks.items() if _layout_of(block) != common]:
-            log.warning("consensus distance: node %d's half has other tensors than its neighbours'; left out", pid)
-            del blocks[pid]
-        return consensus_distance(list(blocks.values()))
+        return rk.consensus_distance_of(self.progress.halves)
 
     # -- block boundaries: checkpoint and rejoin -------------------------------------------
 
@@ -433,7 +415,3 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
         elif pending:
             break
     return replies
-
-
-def _layout_of(block: dict[str, torch.Tensor]) -> tuple:
-    return tuple((name, tuple(t.shape), t.dtype) for name, t in block.items())

@@ -14,13 +14,19 @@ simulation engine's Ray object store moves them without copying them into and ou
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+from deca_flower.core.reference import consensus_distance
+
+log = logging.getLogger(__name__)
 
 # message types
 QUERY = "query.deca"
@@ -139,6 +145,30 @@ def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]
     if len(out) != len(entries):
         raise RecordError(f"block from {sender}: a tensor name appears twice in the manifest")
     return out
+
+
+def consensus_distance_of(halves: dict[int, ArrayRecord]) -> float:
+    """core.reference.consensus_distance of relayed halves (partition id -> record). A measurement,
+    so a half that does not decode or does not match the others' tensors (one the nodes excluded,
+    with on-bad-block=exclude) is left out, with a warning, instead of stopping the run."""
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for pid, half in halves.items():
+        try:
+            blocks[pid] = record_to_block(half, f"node {pid}")
+        except RecordError as err:
+            log.warning("consensus distance: %s; left out", err)
+    layouts = Counter(_layout_of(block) for block in blocks.values())
+    if not layouts:
+        return float("nan")
+    common = layouts.most_common(1)[0][0]
+    for pid in [pid for pid, block in blocks.items() if _layout_of(block) != common]:
+        log.warning("consensus distance: node %d's half has other tensors than its neighbours'; left out", pid)
+        del blocks[pid]
+    return consensus_distance(list(blocks.values()))
+
+
+def _layout_of(block: dict[str, torch.Tensor]) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in block.items())
 
 
 def record_bytes(record: ArrayRecord) -> int:
