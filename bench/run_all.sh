@@ -43,10 +43,12 @@ out=bench/latest_run.md
   echo '```'
   python bench/overhead.py 2>/dev/null | grep -v '^INFO'
   python bench/overhead.py --large-blocks 2>/dev/null | grep -v "^INFO"
+  python bench/overhead.py --torch-threads 1 --repeats 2 2>/dev/null | grep -v "^INFO"
   echo '```'
   echo "Config: SmolLM2-135M, 4 nodes, the main job's blocks (embeddings + 15 x 2 layers, 27 MiB each), 2 steps"
-  echo "per block; --large-blocks: embeddings frozen, 6 layers per block (81 MiB). bench/engine_overhead.py"
-  echo "splits each step into compute and overhead."
+  echo "per block; --large-blocks: embeddings frozen, 6 layers per block (81 MiB); --torch-threads 1: both sides on"
+  echo "one torch thread, the engine's processes get the other core. bench/engine_overhead.py splits each step"
+  echo "into compute and overhead."
   echo
   echo "## Engine overhead: simulation vs deployment"
   echo '```'
