@@ -53,6 +53,8 @@ def flower_per_step(overrides: str, num_nodes: int, torch_threads: int) -> tuple
            "--federation-config", f"num-supernodes={num_nodes}"]
     run = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=3600)
     threads = {int(n) for n in re.findall(r"\((\d+) torch threads\)", run.stdout + run.stderr)}  # as the nodes report
+    if torch_threads and threads != {torch_threads}:
+        raise SystemExit(f"asked for {torch_threads} torch threads, the nodes report {sorted(threads)}: not comparable")
     records = [json.loads(line) for line in (results / run_name / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(results)  # the nodes' checkpoints, GBs; kept when a run failed
     visits = [r for r in records if r["kind"] == "visit"]
