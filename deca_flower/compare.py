@@ -1,11 +1,22 @@
-"""Run several methods / settings one after another with `flwr run` and compare them.
+"""Run an experiment's runs one after another and write its report (deca_flower/report.py).
 
-    deca-flower compare conf/experiments/bbc-small.yaml [--only deca,fedavg] [--plots-only]
+    deca-flower compare conf/experiments/bbc-small.yaml [--only deca,fedavg] [--rerun] [--plots-only]
 
-An experiment file has `config` (run-config keys shared by every run), `runs` (a list of
-overrides, each with a `label`) and optionally `num-supernodes`. Every run is a real
-`flwr run . --stream` (simulation engine); results/<experiment>/ gets README.md (the table, each
-row with its exact command), results.json and the plots.
+An experiment file has `config` (run-config keys shared by every run) and `runs` (a list of
+overrides, each with a `label`), and optionally:
+- `engine`: `flwr` (default: a real `flwr run . --stream` on the simulation engine) or
+  `reference-fast` (`deca-flower reference --fast`: the same math in one process, for sweeps);
+  a run may name its own;
+- `seeds`: every run is repeated for each seed (seed = split, graph draw, minibatch order); a run
+  may list its own `seeds` (e.g. more for the variants that decide a default);
+- `settings`: named config overlays ({name, config}); every run is repeated in each, unless it
+  lists the `settings` it belongs to;
+- `baseline`: the label that the report pairs every other run with (same setting, same seed);
+- `num-supernodes` for flwr runs.
+
+A run folder that already holds a summary for the same config is skipped (`--rerun` runs it
+again), so a long experiment can be built in parts; a failed run is reported at the end and
+loses no earlier result.
 """
 
 from __future__ import annotations
@@ -15,15 +26,30 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from deca_flower.config import DecaConfig
-from deca_flower.results import plt
 
 ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("flwr", "reference-fast")
+RUN_KEYS = {"label", "seeds", "settings", "engine"}  # keys of a run that are not run-config
+PLACEMENT = {"results-dir", "run-name", "state-dir"}  # where a run writes: not part of what it computes
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of an experiment: a variant (label) in a setting, for one seed."""
+
+    key: str  # its folder under <experiment>/runs/ and its key in results.json
+    label: str
+    setting: str
+    seed: int | None
+    engine: str
+    values: dict[str, Any]  # the run-config, placement included
 
 
 def run_config_string(values: dict[str, Any]) -> str:
@@ -35,6 +61,7 @@ def run_config_string(values: dict[str, Any]) -> str:
 
 
 def load_experiment(path: Path) -> dict[str, Any]:
+    """The experiment spec, with every run's config validated before anything starts."""
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     for key in ("config", "runs"):
         if key not in spec:
@@ -42,135 +69,120 @@ def load_experiment(path: Path) -> dict[str, Any]:
     labels = [r.get("label") for r in spec["runs"]]
     if None in labels or len(set(labels)) != len(labels):
         raise ValueError(f"experiment {path}: every run needs a distinct label, got {labels}")
-    for run in spec["runs"]:  # validate every run's config before anything starts
-        values = {**spec["config"], **{k: v for k, v in run.items() if k != "label"}}
-        DecaConfig.from_run_config(values)
+    names = [s.get("name") for s in spec.get("settings", [])]
+    if None in names or len(set(names)) != len(names):
+        raise ValueError(f"experiment {path}: every setting needs a distinct name, got {names}")
+    if spec.get("baseline") and spec["baseline"] not in labels:
+        raise ValueError(f"experiment {path}: baseline '{spec['baseline']}' is not a run label")
+    spec["_path"] = str(path)
+    for run in plan_runs(spec, ROOT / "results" / Path(path).stem):
+        if run.engine not in ENGINES:
+            raise ValueError(f"experiment {path}: run {run.key} has engine '{run.engine}', not one of {list(ENGINES)}")
+        if run.engine == "reference-fast" and run.values.get("method") == "fedavg":
+            raise ValueError(f"experiment {path}: run {run.key}: method fedavg runs Flower's strategy, engine flwr only")
+        DecaConfig.from_run_config(run.values)
     return spec
 
 
-def command_for(spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> tuple[list[str], str]:
-    """The `flwr run` argv for one run, and the same command as a user would type it."""
-    values = {**spec["config"], **{k: v for k, v in run.items() if k != "label"}}
-    values.update({"results-dir": str(out_dir / "runs"), "run-name": run["label"]})
-    nodes = spec.get("num-supernodes", DecaConfig.from_run_config(values).num_nodes)
-    run_config, federation = run_config_string(values), f"num-supernodes={nodes}"
-    argv = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config, "--federation-config", federation]
-    shown = f'flwr run . --stream --run-config "{run_config}" --federation-config "{federation}"'
+def plan_runs(spec: dict[str, Any], out_dir: Path) -> list[PlannedRun]:
+    """Every run of the experiment: settings in order, then seeds, then the runs in file order."""
+    settings = spec.get("settings") or [{"name": "", "config": {}}]
+    planned = []
+    for setting in settings:
+        name = setting["name"]
+        runs = [r for r in spec["runs"] if not name or name in r.get("settings", [name])]
+        seeds = sorted({s for r in runs for s in r.get("seeds", spec.get("seeds", [None]))}, key=lambda s: (s is None, s))
+        for seed in seeds:
+            for run in runs:
+                if seed not in run.get("seeds", spec.get("seeds", [None])):
+                    continue
+                key = "/".join(p for p in (name, run["label"], None if seed is None else f"seed{seed}") if p)
+                values = {**spec["config"], **setting.get("config", {}),
+                          **{k: v for k, v in run.items() if k not in RUN_KEYS}}
+                if seed is not None:
+                    values["seed"] = seed
+                run_dir = out_dir / "runs" / key
+                values.update({"results-dir": str(run_dir.parent), "run-name": run_dir.name})
+                planned.append(PlannedRun(key, run["label"], name, seed, run.get("engine", spec.get("engine", "flwr")),
+                                          values))
+    return planned
+
+
+def command_for(spec: dict[str, Any], run: PlannedRun) -> tuple[list[str], str]:
+    """The argv for one run, and the same command as a user would type it (paths relative to the project)."""
+    run_config = run_config_string(run.values)
+    if run.engine == "reference-fast":
+        argv = [sys.executable, "-m", "deca_flower.cli", "reference", "--fast", "--run-config", run_config]
+        shown = f'deca-flower reference --fast --run-config "{run_config}"'
+    else:
+        nodes = spec.get("num-supernodes", DecaConfig.from_run_config(run.values).num_nodes)
+        federation = f"num-supernodes={nodes}"
+        argv = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config, "--federation-config", federation]
+        shown = f'flwr run . --stream --run-config "{run_config}" --federation-config "{federation}"'
     return argv, shown.replace(str(ROOT) + "/", "")
 
 
-def run_one(name: str, spec: dict[str, Any], run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    cmd, shown = command_for(spec, run, out_dir)
+def is_finished(run: PlannedRun, run_dir: Path) -> bool:
+    """The folder holds a summary of a run with exactly this config (placement aside)."""
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    wanted = DecaConfig.from_run_config(run.values).to_run_config()
+    return {k: v for k, v in saved.items() if k not in PLACEMENT} == {k: v for k, v in wanted.items() if k not in PLACEMENT}
+
+
+def run_one(spec: dict[str, Any], run: PlannedRun, out_dir: Path) -> dict[str, Any]:
+    """Run it (its output goes to runs/<key>.log) and return its summary with the command."""
+    argv, shown = command_for(spec, run)
+    run_dir = out_dir / "runs" / run.key
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    log_file = out_dir / "runs" / f"{run['label']}.log"
+    log_file = run_dir.parent / f"{run_dir.name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("w") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    summary_file = out_dir / "runs" / run["label"] / "summary.json"
-    if code != 0 or not summary_file.is_file():
-        raise RuntimeError(f"{name}/{run['label']} failed (exit {code}); see {log_file}")
-    summary = json.loads(summary_file.read_text())
-    shutil.rmtree(out_dir / "runs" / run["label"] / "nodes", ignore_errors=True)  # node checkpoints: GBs, done with
-    summary["command"] = shown
-    return summary
+        code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if code != 0 or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"{run.key} failed (exit {code}); see {log_file}")
+    shutil.rmtree(run_dir / "nodes", ignore_errors=True)  # node checkpoints: GBs, done with
+    return {**json.loads((run_dir / "summary.json").read_text()), "command": shown}
 
 
-def records_of(out_dir: Path, label: str, kind: str) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl lines of one kind ("eval", "visit")."""
-    lines = (out_dir / "runs" / label / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+def compare(path: str, only: list[str] | None = None, plots_only: bool = False, rerun: bool = False) -> Path:
+    from deca_flower.report import write_report
 
-
-def headline_of(summaries: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    return tuple(next(iter(summaries.values())).get("headline", ("accuracy", "macro_f1")))  # type: ignore[return-value]
-
-
-def write_report(name: str, spec: dict[str, Any], summaries: dict[str, dict[str, Any]], out_dir: Path) -> None:
-    mib = 2**20
-    first, second = headline = headline_of(summaries)
-    rows = [f"| run | method | topology (spectral gap) | {first} | {second} | bytes sent / node | peak opt+grad / node | "
-            "wall s | inner steps |", "|---|---|---|---|---|---|---|---|---|"]
-    for label, s in summaries.items():
-        f = s["final"]
-        gap = f" ({s['spectral_gap']:.3f})" if "spectral_gap" in s else ""
-        scores = " | ".join(f"{f[k + '_mean']:.3f} +- {f[k + '_std']:.3f}" for k in headline)
-        rows.append(f"| {label} | {s['method']} | {s['topology']}{gap} | {scores} | {s['bytes_sent_per_node'] / mib:,.0f} MiB "
-                    f"| {s.get('peak_optimizer_bytes_per_node', 0) / mib:,.0f} MiB | {s['wall_time_s']:.0f} "
-                    f"| {s['inner_steps']} |")
-    initial = next((s["initial"] for s in summaries.values() if s.get("initial")), None)
-    text = [f"# {name}", "", f"Regenerate: `deca-flower compare {spec['_path']}`", ""]
-    if initial:
-        text += [f"Untrained model: {first} {initial[first]:.3f}, {second} {initial[second]:.3f}.", ""]
-    text += rows + ["", f"{first} and {second}: mean +- std over nodes on the held-out split, after the last step.",
-                    "", "## Commands", ""]
-    text += [f"- {label}: `{s['command']}`" for label, s in summaries.items()]
-    samples = [label for label in summaries if (out_dir / "runs" / label / "samples.md").is_file()]
-    if samples:
-        text += ["", "Generated samples: " + ", ".join(f"[{label}](runs/{label}/samples.md)" for label in samples)]
-    text += ["", f"![{first} vs step]({first}_vs_step.png) ![{first} vs bytes]({first}_vs_bytes.png) "
-             "![consensus](consensus_vs_step.png)", ""]
-    (out_dir / "README.md").write_text("\n".join(text))
-    (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))
-    for x_key, x_label, file in (("step", "inner step", f"{first}_vs_step.png"),
-                                 ("bytes_sent_per_node", "MiB sent per node", f"{first}_vs_bytes.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label in summaries:
-            evals = records_of(out_dir, label, "eval")
-            xs = [e[x_key] / (mib if x_key != "step" else 1) for e in evals]
-            ax.plot(xs, [e[f"{first}_mean"] for e in evals], marker="o", label=label)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"mean held-out {first}")
-        if x_key != "step":
-            ax.set_xscale("symlog")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / file, dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in summaries:
-        visits = records_of(out_dir, label, "visit")
-        if visits:
-            ax.plot([v["step"] for v in visits], [v["consensus_distance"] for v in visits], marker=".", label=label)
-    ax.set_xlabel("inner step")
-    ax.set_ylabel("consensus distance of relayed blocks")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.lines:  # FedAvg-only comparisons relay no blocks
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "consensus_vs_step.png", dpi=120)
-    plt.close(fig)
-
-
-def in_spec_order(spec: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {r["label"]: summaries[r["label"]] for r in spec["runs"] if r["label"] in summaries}
-
-
-def compare(path: str, only: list[str] | None = None, plots_only: bool = False) -> Path:
     spec = load_experiment(Path(path))
-    spec["_path"] = path
-    name = Path(path).stem
-    out_dir = ROOT / "results" / name
+    out_dir = ROOT / "results" / Path(path).stem
     out_dir.mkdir(parents=True, exist_ok=True)
+    planned = plan_runs(spec, out_dir)
     old = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
     # earlier results stay in the report until a run of this call replaces them (a failed run loses nothing)
-    summaries = {r["label"]: {**old[r["label"]], "command": command_for(spec, r, out_dir)[1]}
-                 for r in spec["runs"] if r["label"] in old}
-    for i, run in enumerate(spec["runs"]):
-        label = run["label"]
-        if plots_only or (only and label not in only):
+    summaries = {r.key: {**old[r.key], "command": command_for(spec, r)[1]} for r in planned if r.key in old}
+    failures = []
+    for i, run in enumerate(planned):
+        counter = f"[{i + 1}/{len(planned)}] {run.key}"
+        if plots_only or (only and run.label not in only):
             continue
-        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: running", flush=True)
-        summaries[label] = s = run_one(name, spec, run, out_dir)
-        key = headline_of({label: s})[0]
-        print(f"[{i + 1}/{len(spec['runs'])}] {name}/{label}: {key} {s['final'][key + '_mean']:.3f} "
-              f"+- {s['final'][key + '_std']:.3f} in {s['wall_time_s']:.0f}s", flush=True)
-        write_report(name, spec, in_spec_order(spec, summaries), out_dir)
+        run_dir = out_dir / "runs" / run.key
+        if not rerun and is_finished(run, run_dir):
+            summaries[run.key] = {**json.loads((run_dir / "summary.json").read_text()), "command": command_for(spec, run)[1]}
+            print(f"{counter}: finished earlier, skipped", flush=True)
+            continue
+        print(f"{counter}: running", flush=True)
+        try:
+            summaries[run.key] = s = run_one(spec, run, out_dir)
+        except RuntimeError as err:
+            print(f"{counter}: {err}", flush=True)
+            failures.append(str(err))
+            continue
+        key = s["headline"][0]
+        print(f"{counter}: {key} {s['final'][key + '_mean']:.3f} +- {s['final'][key + '_std']:.3f} "
+              f"in {s['wall_time_s']:.0f}s", flush=True)
+        write_report(spec, planned, summaries, out_dir)
     if not summaries:
         raise SystemExit(f"no results for {path} yet: run it without --plots-only first")
-    write_report(name, spec, in_spec_order(spec, summaries), out_dir)
+    write_report(spec, planned, summaries, out_dir)
     print(f"wrote {out_dir / 'README.md'}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
     return out_dir
 
 

@@ -18,14 +18,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from deca_flower.core.conventions import BMA_MODES, DISCREPANCIES, DIVIDES_BY_LR
 from deca_flower.core.topology import TOPOLOGIES, TopologyError, build_graph
 
 METHODS = ("deca", "deca-nobma", "deca-trivial", "fedavg", "dadam", "declora")
 # the paper's ablation: the method name fixes the moment approximation
 METHOD_BMA = {"deca-nobma": "none", "deca-trivial": "trivial", "dadam": "none", "declora": "none", "fedavg": "none"}
 PARTITIONERS = ("dirichlet", "iid", "shard")
-BMA_MODES = ("full", "none", "trivial")
-DISCREPANCIES = ("scaled", "raw", "normalized")
 BLOCK_ORDERS = ("ascending", "descending", "random")
 EMBEDDING_MODES = ("block", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,7 +114,11 @@ class DecaConfig:
     bma_beta2: float = 0.999
     """b2: weight of the old second moment when folding in the consensus signal."""
     discrepancy: str = "scaled"
-    """Consensus signal h: scaled=(theta-mixed)/lr, raw=mixed-theta, normalized=d/||d||."""
+    """Units of the consensus signal h (d = theta - mixed): scaled=d/lr, raw=-d, normalized=d/||d||,
+    gradient=the gradient that moves Adam from theta to mixed (core/optimizer.py)."""
+    bma_strength: float = 1.0
+    """s: weight of the consensus part (half - mixed) of d; 0 = no consensus signal, 1 = d itself. With
+    discrepancy=gradient the next step repeats about (1 - bma-beta1) * s of the last gossip correction."""
     batch_size: int = 4
     """Training examples per local step."""
     max_text_tokens: int = 64
@@ -278,7 +281,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
                  "reply_timeout_s", "shards_per_node", "max_response_tokens"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
-    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "samples"):
+    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "samples", "bma_strength"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)
@@ -303,8 +306,8 @@ def _problems(cfg: DecaConfig) -> list[str]:
         out.append(f"secure-gossip needs trusted-keys (a JSON file of site public keys); got '{cfg.trusted_keys}'")
     if cfg.dataset.endswith((".jsonl", ".json", ".csv")) and not Path(cfg.dataset).expanduser().is_file():
         out.append(f"dataset file '{cfg.dataset}' does not exist")
-    if cfg.discrepancy == "scaled" and cfg.lr == 0 and METHOD_BMA.get(cfg.method, cfg.bma) != "none":
-        out.append("discrepancy='scaled' divides by lr: lr=0 needs bma='none'")
+    if cfg.discrepancy in DIVIDES_BY_LR and cfg.lr == 0 and cfg.effective_bma != "none":
+        out.append(f"discrepancy='{cfg.discrepancy}' divides by lr: lr=0 needs bma='none'")
     if cfg.task == "instruct" and cfg.dataset == "bbc-news":
         out.append("task='instruct' needs instruction data: dataset='chatterbot-english' (embedded), a hub id such as "
                    "'tatsu-lab/alpaca', or a .jsonl/.csv with instruction and response columns")

@@ -134,7 +134,8 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
         model = add_lora(model, cfg).to(device)
     blocks, steps_per_visit = method_blocks(model, cfg)
     settings = AdamSettings(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, bma=cfg.effective_bma,
-                            bma_betas=(cfg.bma_beta1, cfg.bma_beta2), discrepancy=cfg.discrepancy)
+                            bma_betas=(cfg.bma_beta1, cfg.bma_beta2), discrepancy=cfg.discrepancy,
+                            strength=cfg.bma_strength)
     sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, partition_id)
     node = DecaNode(model, blocks, settings, sampler,
                     make_batch=lambda idx: task.collate(train, idx, device), loss_fn=task.loss)

@@ -48,7 +48,8 @@ def test_a_failed_run_loses_no_earlier_result(tmp_path, monkeypatch):
 
     def summary(accuracy):
         return {"final": {"accuracy_mean": accuracy, "accuracy_std": 0.0, "macro_f1_mean": 0.0, "macro_f1_std": 0.0},
-                "method": "deca", "topology": "ring", "bytes_sent_per_node": 1, "wall_time_s": 1, "inner_steps": 1}
+                "method": "deca", "topology": "ring", "bytes_sent_per_node": 1, "wall_time_s": 1, "inner_steps": 1,
+                "headline": ["accuracy", "macro_f1"]}
 
     for label in "abc":  # an earlier compare of all three
         (out_dir / "runs" / label).mkdir(parents=True)
@@ -56,8 +57,8 @@ def test_a_failed_run_loses_no_earlier_result(tmp_path, monkeypatch):
             json.dumps({"kind": "eval", "step": 1, "bytes_sent_per_node": 1, "accuracy_mean": 0.1}) + "\n")
     (out_dir / "results.json").write_text(json.dumps({label: summary(0.1) for label in "abc"}))
 
-    def run_one(name, spec, run, out):
-        if run["label"] == "c":
+    def run_one(spec, run, out):
+        if run.label == "c":
             raise RuntimeError("c failed")
         return {**summary(0.9), "command": "flwr run ..."}
 

@@ -3,6 +3,8 @@
 Node 1: theta=1.0, grad=0.5; node 2: theta=3.0, grad=-1.0; lr=0.1, W = [[.5,.5],[.5,.5]].
 First Adam step (bias-corrected): half = theta - lr*sign(g) -> 0.9 and 3.1; mixed = 2.0.
 Adam state after the step: m' = 0.1*g, v' = 0.001*g^2.  h_1 = (1.0 - 2.0)/0.1 = -10.
+Gradient units: lr_t = lr/(1 - 0.9) = 1, D = sqrt(v'/0.001) = |g|; gossip moved node 1 by
+c = half - mixed = -1.1 and node 2 by +1.1, so h = m' + s*c*D/lr_t = 0.05 - 0.55 s and -0.1 + 1.1 s.
 """
 
 import pytest
@@ -14,11 +16,11 @@ from deca_flower.core.optimizer import BlockAdam
 LR, B1, B2 = 0.1, 0.9, 0.999
 
 
-def two_nodes(bma: str, discrepancy: str = "scaled"):
+def two_nodes(bma: str, discrepancy: str = "scaled", strength: float = 1.0, start=((1.0, 0.5), (3.0, -1.0))):
     nodes = []
-    for theta, grad in ((1.0, 0.5), (3.0, -1.0)):
+    for theta, grad in start:
         param = torch.tensor([theta], dtype=torch.float64)
-        opt = BlockAdam([param], lr=LR, bma=bma, bma_betas=(B1, B2), discrepancy=discrepancy)
+        opt = BlockAdam([param], lr=LR, bma=bma, bma_betas=(B1, B2), discrepancy=discrepancy, strength=strength)
         param.grad = torch.tensor([grad], dtype=torch.float64)
         opt.step()
         nodes.append((param, opt))
@@ -26,6 +28,11 @@ def two_nodes(bma: str, discrepancy: str = "scaled"):
     for i, (param, opt) in enumerate(nodes):
         opt.fold(mix([param], 0.5, [(0.5, [halves[1 - i]])]))
     return nodes, halves
+
+
+def moments_of(opt: BlockAdam, param):
+    state = opt.adam.state[param]
+    return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
 
 
 def moments(opt: BlockAdam, param):
@@ -61,6 +68,48 @@ def test_discrepancy_conventions(discrepancy, h):
     assert moments(o1, p1) == pytest.approx((B1 * 0.05 + (1 - B1) * h, B2 * 0.00025 + (1 - B2) * h * h))
 
 
+@pytest.mark.parametrize("strength", [0.0, 1.0, 10.0])
+def test_gradient_units_signal(strength):
+    (p1, o1), (p2, o2) = two_nodes("full", "gradient", strength)[0]
+    h1, h2 = 0.05 - 0.55 * strength, -0.1 + 1.1 * strength
+    assert moments(o1, p1) == pytest.approx((B1 * 0.05 + (1 - B1) * h1, B2 * 0.00025 + (1 - B2) * h1 * h1))
+    assert moments(o2, p2) == pytest.approx((B1 * -0.1 + (1 - B1) * h2, B2 * 0.001 + (1 - B2) * h2 * h2))
+
+
+@pytest.mark.parametrize(("discrepancy", "h"), [("scaled", (0.1 - 1.1 * 3) / LR), ("raw", -(0.1 - 1.1 * 3))])
+def test_strength_weighs_the_consensus_part(discrepancy, h):
+    """d = u + s*c: node 1's own Adam update u = 0.1, gossip's correction c = -1.1, s = 3."""
+    (p1, o1), _ = two_nodes("full", discrepancy, 3.0)[0]
+    assert moments(o1, p1) == pytest.approx((B1 * 0.05 + (1 - B1) * h, B2 * 0.00025 + (1 - B2) * h * h))
+
+
+def test_gradient_units_are_neutral_where_nodes_agree():
+    """Same theta and gradient on both nodes: mixed = half, so h = m' and the fold leaves m exactly
+    as Adam left it (v moves by (1 - b2)(m'^2 - v'))."""
+    folded = {}
+    for bma in ("full", "none"):
+        param = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        opt = BlockAdam([param], lr=LR, bma=bma, bma_betas=(B1, B2), discrepancy="gradient", strength=50.0)
+        param.grad = torch.tensor([0.5, 0.25], dtype=torch.float64)
+        opt.step()
+        opt.fold([param.clone()])  # every neighbour sent the same half: mixed = half
+        folded[bma] = moments_of(opt, param)
+    (m, v), (m_adam, v_adam) = folded["full"], folded["none"]
+    assert torch.equal(m, m_adam)  # bit for bit
+    torch.testing.assert_close(v, B2 * v_adam + (1 - B2) * m_adam**2, rtol=1e-12, atol=0)
+
+
+def test_zero_strength_leaves_the_first_moment_alone():
+    (p1, o1), _ = two_nodes("full", "gradient", 0.0)[0]
+    (q1, adam_only), _ = two_nodes("none")[0]
+    assert moments(o1, p1)[0] == moments(adam_only, q1)[0]  # bit for bit, though the nodes disagree
+
+
+def test_negative_strength_is_refused():
+    with pytest.raises(ValueError, match="strength"):
+        BlockAdam([torch.zeros(1)], lr=1e-3, strength=-1.0)
+
+
 def test_second_step_uses_folded_moments_and_step_count():
     (p1, o1), _ = two_nodes("full")[0]
     m, v = moments(o1, p1)
@@ -78,8 +127,9 @@ def test_scaled_discrepancy_refuses_zero_lr():
 
 
 @pytest.mark.parametrize("bma", ["full", "trivial"])
-@pytest.mark.parametrize("discrepancy", ["scaled", "raw", "normalized"])
-def test_fold_without_a_theta_copy_matches_the_definition(monkeypatch, bma, discrepancy):
+@pytest.mark.parametrize(("discrepancy", "strength"), [("scaled", 1.0), ("raw", 1.0), ("normalized", 1.0),
+                                                       ("gradient", 1.0), ("gradient", 30.0), ("scaled", 0.5)])
+def test_fold_without_a_theta_copy_matches_the_definition(monkeypatch, bma, discrepancy, strength):
     """fold recomputes theta - half from Adam's moments instead of keeping theta: the moments it
     leaves must equal DECA.md's rule computed from an explicit theta copy, over slices and steps
     (float64, so that the rounding of theta - half itself stays far below the tolerance)."""
@@ -88,19 +138,23 @@ def test_fold_without_a_theta_copy_matches_the_definition(monkeypatch, bma, disc
     monkeypatch.setattr(optimizer, "FOLD_SLICE", 7)  # several slices per tensor
     gen = torch.Generator().manual_seed(0)
     masters = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((5, 4), (3,), (2,))]
-    opt = BlockAdam(masters, lr=1e-3, bma=bma, bma_betas=(B1, B2), discrepancy=discrepancy)
-    for _ in range(3):
+    opt = BlockAdam(masters, lr=1e-3, bma=bma, bma_betas=(B1, B2), discrepancy=discrepancy, strength=strength)
+    for t in range(1, 4):
         theta = [m.clone() for m in masters]
-        before = [tuple(t.clone() for t in opt._moments(m)) for m in masters]
+        before = [tuple(x.clone() for x in opt._moments(m)) for m in masters]
         for m in masters[:2]:  # the last tensor gets no gradient this step: Adam leaves it alone
             m.grad = torch.randn(m.shape, generator=gen, dtype=torch.float64)
         opt.step()
-        after = [tuple(t.clone() for t in opt._moments(m)) for m in masters]
+        after = [tuple(x.clone() for x in opt._moments(m)) for m in masters]
+        half = [m.clone() for m in masters]
         mixed = [m + 1e-3 * torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in masters]
-        diffs = [t - x for t, x in zip(theta, mixed)]
+        diffs = [(x - h) + strength * (h - y) for x, h, y in zip(theta, half, mixed)]  # u + s*c
         norm = torch.sqrt(sum(d.pow(2).sum() for d in diffs))
+        # gradient units: D = sqrt(v' / (1 - a2^t)) + eps, lr_t = lr / (1 - a1^t)
+        to_gradient = [(v.sqrt() / (1 - 0.999**t) ** 0.5 + 1e-8) / (1e-3 / (1 - 0.9**t)) for _, v in after]
         signals = {"scaled": [d / 1e-3 for d in diffs], "raw": [-d for d in diffs],
-                   "normalized": [d / norm for d in diffs]}[discrepancy]
+                   "normalized": [d / norm for d in diffs],
+                   "gradient": [d * f for d, f in zip(diffs, to_gradient)]}[discrepancy]
         opt.fold(mixed)
         for i, (master, h) in enumerate(zip(masters, signals)):
             m0, v0 = (after if bma == "full" else before)[i]

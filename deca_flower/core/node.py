@@ -33,6 +33,7 @@ class AdamSettings:
     bma: str = "full"
     bma_betas: tuple[float, float] = (0.9, 0.999)
     discrepancy: str = "scaled"
+    strength: float = 1.0
 
 
 class BatchSampler:
@@ -87,7 +88,7 @@ class DecaNode:
         self.active = ActiveBlock(self.model, self.blocks[index])
         s = self.settings
         self.optimizer = BlockAdam(self.active.masters, lr=s.lr, betas=s.betas, eps=s.eps, bma=s.bma,
-                                   bma_betas=s.bma_betas, discrepancy=s.discrepancy)
+                                   bma_betas=s.bma_betas, discrepancy=s.discrepancy, strength=s.strength)
 
     def end_block(self) -> None:
         if self.active is not None:
