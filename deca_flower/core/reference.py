@@ -61,8 +61,15 @@ def mix_oracle(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str
 
 
 def mix_fast(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> None:
-    """All nodes at once: for every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul; a bf16
-    node adds master_i - half_i, the difference form of gossip.mix (exact at consensus)."""
+    """All nodes at once (fast_mixed), then each folds BMA."""
+    for node, mixed in zip(nodes, fast_mixed(nodes, weights, halves)):
+        node.apply_mixed(mixed)
+
+
+def fast_mixed(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """For every tensor, mixed[i] = sum_j W[i,j] * half[j] as one matmul; a bf16 node adds
+    master_i - half_i, the difference form of gossip.mix (exact at consensus). Per node, the active
+    block's tensors in block order."""
     names = list(halves[0])
     w = torch.as_tensor(weights, dtype=torch.float64)
     masters = [dict(zip(n.active.block.param_names, n.active.masters)) if n.active.has_copy else None
@@ -75,8 +82,7 @@ def mix_fast(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str, 
             if own is not None:
                 mixed[i] += own[name].double() - stacked[i]
             mixed_per_node[i].append(mixed[i].float())
-    for node, mixed in zip(nodes, mixed_per_node):
-        node.apply_mixed(mixed)
+    return mixed_per_node
 
 
 def consensus_distance(blocks: list[dict[str, torch.Tensor]]) -> float:
