@@ -6,7 +6,7 @@
 - declora: LoRA adapters injected with peft into the attention and MLP projections; ONE block of
           adapter A/B matrices, gossiped with the same W; the base weights stay frozen.
 - fedavg: one block of every parameter trained for R local steps per round; Flower's FedAvg
-          strategy averages on the server (baselines/fedavg.py).
+          strategy averages on the server (deca_flower/flower/fedavg.py).
 Equal local steps: every method runs T * B * R local steps per node (B = DECA's block count).
 """
 

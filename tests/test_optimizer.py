@@ -1,4 +1,4 @@
-"""BMA on a hand-computed 2-node, 1-parameter example (DECA.md's update rule).
+"""BMA on a hand-computed 2-node, 1-parameter example (the update rule of docs/algorithm.md).
 
 Node 1: theta=1.0, grad=0.5; node 2: theta=3.0, grad=-1.0; lr=0.1, W = [[.5,.5],[.5,.5]].
 First Adam step (bias-corrected): half = theta - lr*sign(g) -> 0.9 and 3.1; mixed = 2.0.
@@ -131,7 +131,7 @@ def test_scaled_discrepancy_refuses_zero_lr():
                                                        ("gradient", 1.0), ("gradient", 30.0), ("scaled", 0.5)])
 def test_fold_without_a_theta_copy_matches_the_definition(monkeypatch, bma, discrepancy, strength):
     """fold recomputes theta - half from Adam's moments instead of keeping theta: the moments it
-    leaves must equal DECA.md's rule computed from an explicit theta copy, over slices and steps
+    leaves must equal the rule of docs/algorithm.md computed from an explicit theta copy, over slices and steps
     (float64, so that the rounding of theta - half itself stays far below the tolerance)."""
     import deca_flower.core.optimizer as optimizer
 

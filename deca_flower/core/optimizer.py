@@ -36,7 +36,8 @@ ulp of theta per element (Adam applied u rounded). 'gradient' needs no u at all:
 consensus part to m' directly, so it is exactly neutral at consensus. fold works FOLD_SLICE elements
 at a time and allocates no block-sized buffer.
 
-    exercised by: pytest tests/test_optimizer.py
+    the rule and its conventions in words: docs/algorithm.md
+    exercised by: pytest tests/test_optimizer.py; measured by: python bench/bma_signal.py
 """
 
 from __future__ import annotations
