@@ -166,9 +166,13 @@ class PairwiseChannel:
 
     def seal(self, receiver: int, step: int, block: int, tensors: list[torch.Tensor]) -> bytes:
         """nonce || AES-GCM(payload) || tag, the nonce fresh from the OS for every call."""
-        payload = b"".join(_raw(t) for t in tensors)
+        payload = _packed(tensors)
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self.pair_keys[receiver].encrypt(nonce, payload, self._aad(self.pid, receiver, step, block))
+        sealed = np.empty(NONCE_BYTES + payload.size + TAG_BYTES, dtype=np.uint8)  # `nonce + ciphertext` would copy it all
+        sealed[:NONCE_BYTES] = np.frombuffer(nonce, dtype=np.uint8)
+        self.pair_keys[receiver].encrypt_into(nonce, payload, self._aad(self.pid, receiver, step, block),
+                                              memoryview(sealed)[NONCE_BYTES:])
+        return sealed.tobytes()
 
     def open(self, sender: int, step: int, block: int, ciphertext: bytes, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors `sender` sealed for this node at `step` (shaped as `like`), checked in this order:
@@ -185,7 +189,7 @@ class PairwiseChannel:
                                 "from it (a replayed or rewound step)")
         aad = self._aad(sender, self.pid, step, block)
         try:
-            payload = self.pair_keys[sender].decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
+            payload = self.pair_keys[sender].decrypt(ciphertext[:NONCE_BYTES], memoryview(ciphertext)[NONCE_BYTES:], aad)
         except InvalidTag as err:
             raise SecurityError(f"block from node {sender} failed authentication (tampered, or sealed for "
                                 "another step, block or receiver)") from err
@@ -198,5 +202,7 @@ class PairwiseChannel:
         return out
 
 
-def _raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+def _packed(tensors: list[torch.Tensor]) -> np.ndarray:
+    """The tensors' bytes, one after another, copied once into one buffer."""
+    flat = [t.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1) for t in tensors]
+    return np.concatenate(flat) if flat else np.empty(0, dtype=np.uint8)
