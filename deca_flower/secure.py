@@ -136,7 +136,8 @@ class PairwiseChannel:
         return cls.from_files(run_id, partition_id, identity_key, trusted_keys, ephemeral, last_opened)
 
     def saved_state(self) -> dict[str, str | int]:
-        """What the node must keep (privately) to continue this run: key and replay state."""
+        """What the node must keep (privately) to continue this run: its key and replay state, as a
+        flat {str: str | int} dict a ConfigRecord holds (context.state)."""
         return {"x25519": self.ephemeral_bytes.hex(), **{f"{_OPENED}{pid}": step for pid, step in self.last_opened.items()}}
 
     def add_neighbour(self, pid: int, public_hex: str, signature_hex: str) -> None:
@@ -196,7 +197,7 @@ class PairwiseChannel:
         self.last_opened[sender] = step
         out, offset = [], 0
         for ref, size in zip(like, sizes):
-            raw = np.frombuffer(payload[offset:offset + size], dtype=np.uint8).copy()
+            raw = np.frombuffer(payload, dtype=np.uint8, count=size, offset=offset).copy()  # writable, one copy
             out.append(torch.from_numpy(raw).view(ref.dtype).reshape(ref.shape))
             offset += size
         return out
