@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--rounds", type=int, default=DecaConfig.rounds)
     plan.add_argument("--bf16", action="store_true", help="GPU accounting: bf16 weights, fp32 masters")
     plan.add_argument("--json", action="store_true")
-    keys = sub.add_parser("keys", help="demo site identities for secure-gossip: node_<i>.pem + trusted.json")
+    keys = sub.add_parser("keys", help="demo site identities for secure-gossip: node_<i>.pem (owner-only) + trusted.json")
     keys.add_argument("--nodes", type=int, required=True)
     keys.add_argument("--out", required=True)
     cmp = sub.add_parser("compare", help="run an experiment's methods with flwr run and write a table + plots")
@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from pathlib import Path
 
-        from deca_flower.secure import write_demo_identities
+        from deca_flower.secure import SecurityError, write_demo_identities
 
-        print(write_demo_identities(args.nodes, Path(args.out)))
+        try:
+            print(write_demo_identities(args.nodes, Path(args.out)))
+        except SecurityError as err:
+            print(err, file=sys.stderr)
+            return 2
         return 0
     if args.command == "compare":
         from deca_flower.compare import compare

@@ -9,6 +9,7 @@ Keys use Flower's hyphenated spelling (``layers-per-block``); fields use undersc
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 from collections.abc import Mapping
@@ -16,7 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from deca_flower.core.conventions import BMA_MODES, DISCREPANCIES, DIVIDES_BY_LR
 from deca_flower.core.topology import TOPOLOGIES, TopologyError, build_graph
@@ -31,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 STATE_SYNC = ("block", "step")
 TASKS = ("classify", "instruct")
 HEADLINE = {"classify": ("accuracy", "macro_f1"), "instruct": ("response_loss", "perplexity")}  # per task
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's legacy and torch's generators both take this range
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,9 @@ class DecaConfig:
     """classify: embedded "bbc-news", a local .jsonl/.csv with text+label, or a hub id. instruct: embedded
     "chatterbot-english", a local .jsonl/.csv with instruction+response, or a hub id such as tatsu-lab/alpaca."""
     labels: str = ""
-    """classify: comma-separated class names in a fixed order ("" = the sorted labels found in the data).
-    Set it when sites train on their own files (node-config data-path), so that all agree."""
+    """classify: comma-separated class names in a fixed order ("" = the sorted labels found in the data),
+    for every source; data may hold a subset of them, a label not listed is refused. Set it when sites
+    train on their own files (node-config data-path), so that all agree."""
     num_nodes: int = 4
     """Number of clients (SuperNodes) taking part."""
     topology: str = "erdos_renyi"
@@ -146,7 +151,7 @@ class DecaConfig:
     results_dir: str = "results/runs"
     """Parent directory of run folders (relative paths resolve against the app dir)."""
     run_name: str = ""
-    """Run folder name ("" = method-topology-timestamp)."""
+    """Run folder name, a plain name without path separators or '..' ("" = method-topology-timestamp)."""
     node_wait_s: float = 60.0
     """How long the coordinator waits for num-nodes SuperNodes to connect."""
     reply_timeout_s: float = 3600.0
@@ -155,6 +160,9 @@ class DecaConfig:
     """At each block boundary, how long to wait for a dropped node that may be back (0 = no rejoin)."""
     resume: bool = False
     """Continue the run named run-name from its last block-boundary checkpoint."""
+    overwrite: bool = False
+    """Start afresh in a run folder that holds an earlier run's checkpoint or summary (its files move to
+    <run>/previous/ once training starts); without it such a start is refused."""
 
     def __post_init__(self) -> None:
         errors = list(_problems(self))
@@ -214,55 +222,88 @@ def _defaults_node(cls: type[DecaConfig]) -> dict[str, Any]:
     return {f.name: f.default for f in fields(cls)}
 
 
+PRESET_SUFFIXES = (".yaml", ".yml")
+
+
 def _load_preset(preset: str) -> Any:
-    """A preset is a YAML file: a path, or a name under conf/ or conf/experiments/."""
-    candidates = [Path(preset)]
+    """A preset is a YAML file: a path, or a name under conf/ or conf/experiments/.
+
+    Only .yaml/.yml files are read, and no error quotes the file (a preset pointing at another file
+    must not print it): YAML errors give the position, unknown keys are named only when they are close
+    to a config key."""
+    candidates = [Path(preset).expanduser()]
     for folder in (CONF_DIR, CONF_DIR / "experiments", Path.cwd() / "conf"):
         candidates += [folder / f"{preset}.yaml", folder / preset]
-    for path in candidates:
-        if path.is_file():
-            node = OmegaConf.load(path)
-            unknown = [k for k in node if str(k).replace("-", "_") not in _defaults_node(DecaConfig)]
-            if unknown:
-                raise ConfigError(f"preset {path} has unknown keys: {unknown}")
-            return OmegaConf.create({str(k).replace("-", "_"): v for k, v in node.items()})
-    raise ConfigError(f"preset '{preset}' not found (looked in {CONF_DIR} and its experiments/)")
+    found = [path for path in candidates if path.is_file()]
+    path = next((p for p in found if p.suffix in PRESET_SUFFIXES), None)
+    if path is None:
+        if found:
+            raise ConfigError(f"preset '{preset}' is not a YAML file (a preset ends in .yaml or .yml)")
+        raise ConfigError(f"preset '{preset}' not found (looked in {CONF_DIR} and its experiments/)")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"preset {path} is not valid YAML{where}") from None
+    except Exception:  # omegaconf refuses a YAML scalar or a key of an unsupported type
+        raise ConfigError(f"preset {path} is not a YAML mapping of config keys") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"preset {path} is not a YAML mapping of config keys")
+    known = [name.replace("_", "-") for name in _defaults_node(DecaConfig)]
+    unknown = [str(k) for k in node if str(k).replace("_", "-") not in known]
+    if unknown:  # named only when close to a config key: the likely typo, not whatever the file holds
+        named = {k: close[0] for k in unknown if (close := difflib.get_close_matches(k.replace("_", "-"), known, 1))}
+        shown = [f"'{k}' (did you mean '{guess}'?)" for k, guess in named.items()]
+        if len(named) < len(unknown):
+            shown.append(f"{len(unknown) - len(named)} not shown (not close to a config key)")
+        raise ConfigError(f"preset {path} has unknown keys: {', '.join(shown)}")
+    return OmegaConf.create({str(k).replace("-", "_"): v for k, v in node.items()})
 
 
-def _type_problems(cfg: DecaConfig) -> list[str]:
-    """Values of the wrong type (run-config strings such as resume='false' are truthy), or not finite."""
-    out = []
+def _type_problems(cfg: DecaConfig) -> dict[str, str]:
+    """{field: message} for values of the wrong type (run-config strings such as resume='false' are
+    truthy), or not finite."""
+    out = {}
     for f in fields(cfg):
         key, value = f.name.replace("_", "-"), getattr(cfg, f.name)
         if f.type == "bool" and not isinstance(value, bool):
-            out.append(f"{key} must be true or false, got {value!r}")
+            out[f.name] = f"{key} must be true or false, got {value!r}"
         elif f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            out.append(f"{key} must be an integer, got {value!r}")
+            out[f.name] = f"{key} must be an integer, got {value!r}"
         elif f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            out.append(f"{key} must be a number, got {value!r}")
+            out[f.name] = f"{key} must be a number, got {value!r}"
         elif f.type == "float" and not math.isfinite(value):
-            out.append(f"{key} must be finite, got {value!r}")
+            out[f.name] = f"{key} must be finite, got {value!r}"
         elif f.type == "str" and not isinstance(value, str):
-            out.append(f"{key} must be a string, got {value!r}")
+            out[f.name] = f"{key} must be a string, got {value!r}"
     return out
 
 
 def _problems(cfg: DecaConfig) -> list[str]:
-    """Every invalid value, one message each; no model or data is touched."""
-    out = _type_problems(cfg)
-    if out:  # the range checks below compare numbers
-        return out
+    """Every invalid value, one message each; no model or data is touched. A value of the wrong type
+    is reported once; the checks of other values still run, those that need it are skipped."""
+    mistyped = _type_problems(cfg)
+    out = list(mistyped.values())
+    bad: set[str] = set(mistyped)  # fields found invalid: later checks that read them are skipped
+
+    def ok(*names: str) -> bool:
+        return not bad.intersection(names)
+
+    def refuse(name: str, message: str) -> None:
+        out.append(message)
+        bad.add(name)
 
     def choice(name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(cfg, name)
-        if value not in allowed:
-            out.append(f"{name.replace('_', '-')}='{value}' is not one of {list(allowed)}")
+        if ok(name) and value not in allowed:
+            refuse(name, f"{name.replace('_', '-')}='{value}' is not one of {list(allowed)}")
 
     def positive(name: str, *, allow_zero: bool = False) -> None:
         value = getattr(cfg, name)
-        if value < 0 or (value == 0 and not allow_zero):
+        if ok(name) and (value < 0 or (value == 0 and not allow_zero)):
             bound = ">= 0" if allow_zero else "> 0"
-            out.append(f"{name.replace('_', '-')} must be {bound}, got {value}")
+            refuse(name, f"{name.replace('_', '-')} must be {bound}, got {value}")
 
     choice("method", METHODS)
     choice("topology", TOPOLOGIES)
@@ -276,7 +317,7 @@ def _problems(cfg: DecaConfig) -> list[str]:
     choice("task", TASKS)
     choice("on_bad_block", ("stop", "exclude"))
     choice("on_disconnect", ("stop", "components"))
-    for name in ("num_nodes", "rounds", "layers_per_block", "steps_per_block", "batch_size",
+    for name in ("rounds", "layers_per_block", "steps_per_block", "batch_size",
                  "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
                  "reply_timeout_s", "shards_per_node", "max_response_tokens"):
         positive(name)
@@ -285,34 +326,73 @@ def _problems(cfg: DecaConfig) -> list[str]:
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            out.append(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if not 0.0 < cfg.edge_prob <= 1.0:
-        out.append(f"edge-prob must be in (0, 1], got {cfg.edge_prob}")
-    if not 0.0 < cfg.test_fraction < 1.0:
-        out.append(f"test-fraction must be in (0, 1), got {cfg.test_fraction}")
-    if cfg.num_nodes < 2 and not out:
-        out.append(f"num-nodes must be >= 2 for gossip, got {cfg.num_nodes}")
-    if not out and cfg.method != "fedavg":  # before any node connects: e.g. a torus of 4 or a ring of 2
-        try:
+        if ok(name) and not 0.0 <= value < 1.0:
+            refuse(name, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if ok("edge_prob") and not 0.0 < cfg.edge_prob <= 1.0:
+        refuse("edge_prob", f"edge-prob must be in (0, 1], got {cfg.edge_prob}")
+    if ok("test_fraction") and not 0.0 < cfg.test_fraction < 1.0:
+        refuse("test_fraction", f"test-fraction must be in (0, 1), got {cfg.test_fraction}")
+    if ok("seed") and not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
+        refuse("seed", f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    if ok("num_nodes") and cfg.num_nodes < 2:
+        refuse("num_nodes", f"num-nodes must be >= 2 for gossip, got {cfg.num_nodes}")
+    if ok("method", "topology", "num_nodes", "seed", "edge_prob") and cfg.method != "fedavg":
+        try:  # before any node connects: e.g. a torus of 4 or a ring of 2
             build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
         except TopologyError as err:
             out.append(f"topology='{cfg.topology}' with num-nodes={cfg.num_nodes}: {err}")
-    if not cfg.model:
+    if ok("model") and not cfg.model:
         out.append("model is empty: give the embedded default, a hub id or a local path")
-    elif cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().exists():
+    elif ok("model") and cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().exists():
         out.append(f"model path '{cfg.model}' does not exist")
-    if cfg.secure_gossip and not Path(cfg.trusted_keys).expanduser().is_file():
+    if ok("secure_gossip", "trusted_keys") and cfg.secure_gossip and not Path(cfg.trusted_keys).expanduser().is_file():
         out.append(f"secure-gossip needs trusted-keys (a JSON file of site public keys); got '{cfg.trusted_keys}'")
-    if cfg.dataset.endswith((".jsonl", ".json", ".csv")) and not Path(cfg.dataset).expanduser().is_file():
+    if ok("dataset") and cfg.dataset.endswith((".jsonl", ".json", ".csv")) and not Path(cfg.dataset).expanduser().is_file():
         out.append(f"dataset file '{cfg.dataset}' does not exist")
-    if cfg.discrepancy in DIVIDES_BY_LR and cfg.lr == 0 and cfg.effective_bma != "none":
+    if ok("discrepancy", "lr", "method", "bma") and cfg.discrepancy in DIVIDES_BY_LR and cfg.lr == 0 \
+            and cfg.effective_bma != "none":
         out.append(f"discrepancy='{cfg.discrepancy}' divides by lr: lr=0 needs bma='none'")
-    if cfg.task == "instruct" and cfg.dataset == "bbc-news":
+    if ok("task", "dataset") and cfg.task == "instruct" and cfg.dataset == "bbc-news":
         out.append("task='instruct' needs instruction data: dataset='chatterbot-english' (embedded), a hub id such as "
                    "'tatsu-lab/alpaca', or a .jsonl/.csv with instruction and response columns")
-    if cfg.resume and not cfg.run_name:
+    if ok("labels", "task"):
+        out += _label_problems(cfg.labels, cfg.task)
+    if ok("run_name"):
+        out += _run_name_problems(cfg.run_name)
+    if ok("resume", "run_name") and cfg.resume and not cfg.run_name:
         out.append("resume=true needs run-name: the name of the run folder to continue")
-    if cfg.resume and cfg.method == "fedavg":
+    if ok("resume", "method") and cfg.resume and cfg.method == "fedavg":
         out.append("resume=true is for the gossip methods; method='fedavg' runs Flower's FedAvg strategy")
+    if ok("resume", "overwrite") and cfg.resume and cfg.overwrite:
+        out.append("resume=true continues a run and overwrite=true starts it afresh: set one of them")
     return out
+
+
+def _label_problems(labels: str, task: str) -> list[str]:
+    if not labels:
+        return []
+    if task != "classify":
+        return [f"labels is for task='classify' (task='{task}' splits data by its categories); got labels='{labels}'"]
+    names = label_names(labels)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return [f"labels lists {repeated} more than once"]
+    if len(names) < 2:
+        return [f"labels='{labels}' names {len(names)} class(es): classification needs at least 2"]
+    return []
+
+
+def label_names(labels: str) -> list[str]:
+    """The class names of a `labels` value, in order ("a, b,c" -> ["a", "b", "c"]; "" -> [])."""
+    return [name.strip() for name in labels.split(",") if name.strip()]
+
+
+def _run_name_problems(name: str) -> list[str]:
+    """A run name is one folder under results-dir: nothing that could reach outside it."""
+    if not name:
+        return []  # a name is made from method, topology and time
+    if not name.strip() or name != name.strip():
+        return [f"run-name {name!r} is blank or starts or ends with a space"]
+    if "/" in name or "\\" in name or ".." in name or name == "." or any(ord(c) < 32 for c in name):
+        return [f"run-name {name!r} must be a plain folder name: no '/', '\\', '..' or control characters"]
+    return []

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deca_flower.task import ClassificationTask, collate_pairs
+from deca_flower.task import ClassificationTask, collate_pairs, text_char_bound
 
 PROMPT_HEAD = "Question: "
 PROMPT_TAIL = "\nAnswer:"
@@ -42,14 +42,19 @@ class InstructionTask:
             raise ValueError("instruction tuning needs a tokenizer with an end-of-sequence token")
         self.tokenizer = tokenizer
         self.max_text_tokens, self.max_response_tokens = max_text_tokens, max_response_tokens
+        # cut before tokenising, as in classification: same tokens kept, bounded memory
+        self.max_text_chars = text_char_bound(tokenizer, max_text_tokens)
+        self.max_response_chars = text_char_bound(tokenizer, max_response_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._head = tokenizer.encode(PROMPT_HEAD, add_special_tokens=False)
         self._tail = tokenizer.encode(PROMPT_TAIL, add_special_tokens=False)
 
     def encode_dataset(self, data: Dataset) -> EncodedPairs:
         kwargs = {"add_special_tokens": False, "truncation": True}
-        prompts = self.tokenizer(list(data["text"]), max_length=self.max_text_tokens, **kwargs)["input_ids"]
-        answers = self.tokenizer([" " + r for r in data["response"]], max_length=self.max_response_tokens, **kwargs)
+        prompts = self.tokenizer([t[:self.max_text_chars] for t in data["text"]], max_length=self.max_text_tokens,
+                                 **kwargs)["input_ids"]
+        answers = self.tokenizer([" " + r[:self.max_response_chars] for r in data["response"]],
+                                 max_length=self.max_response_tokens, **kwargs)
         return EncodedPairs([self._head + p + self._tail for p in prompts],
                             [a + [self.tokenizer.eos_token_id] for a in answers["input_ids"]],
                             np.asarray(data["label"], dtype=np.int64))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from deca_flower.config import DecaConfig
+from deca_flower.config import DecaConfig, label_names
 from deca_flower.core.blocks import Block
 from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
 from deca_flower.data.instructions import load_instructions
@@ -41,13 +41,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def split_data(dataset: str, task: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    return _split_data(dataset, _local_version(dataset), task, test_fraction, seed)
+def split_data(dataset: str, task: str, test_fraction: float, seed: int,
+               labels: tuple[str, ...] = ()) -> tuple[Dataset, Dataset]:
+    """(train, held-out) of a whole data set; classify: classes in the order of `labels` ("" = sorted)."""
+    return _split_data(dataset, _local_version(dataset), task, test_fraction, seed, labels)
 
 
 @functools.lru_cache(maxsize=4)
-def _split_data(dataset: str, version: tuple, task: str, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    return train_test(load_instructions(dataset) if task == "instruct" else load_corpus(dataset), test_fraction, seed)
+def _split_data(dataset: str, version: tuple, task: str, test_fraction: float, seed: int,
+                labels: tuple[str, ...]) -> tuple[Dataset, Dataset]:
+    corpus = load_instructions(dataset) if task == "instruct" else load_corpus(dataset, list(labels))
+    return train_test(corpus, test_fraction, seed)
 
 
 def _local_version(dataset: str) -> tuple:
@@ -61,7 +65,7 @@ def _local_version(dataset: str) -> tuple:
 
 
 def partitioner_for(cfg: DecaConfig):
-    train, _ = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
+    train, _ = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed, tuple(label_names(cfg.labels)))
     return build_partitioner(train, cfg.partitioner, cfg.num_nodes, alpha=cfg.alpha,
                              shards_per_node=cfg.shards_per_node, seed=cfg.seed)
 
@@ -70,11 +74,10 @@ def node_data(cfg: DecaConfig, partition_id: int, data_path: str | None = None) 
     """(train, held-out, label names) of one node: its share of the demo split, or, with a
     data-path from its node-config, its own file (split into train and held-out locally)."""
     if data_path:
-        labels = [x.strip() for x in cfg.labels.split(",") if x.strip()] or None
-        corpus = load_instructions(data_path) if cfg.task == "instruct" else load_corpus(data_path, labels)
+        corpus = load_instructions(data_path) if cfg.task == "instruct" else load_corpus(data_path, label_names(cfg.labels))
         train, test = train_test(corpus, cfg.test_fraction, cfg.seed)
         return train, test, train.features["label"].names
-    train, test = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed)
+    train, test = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed, tuple(label_names(cfg.labels)))
     return node_partition(partitioner_for(cfg), partition_id), test, train.features["label"].names
 
 

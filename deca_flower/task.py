@@ -6,6 +6,9 @@
 Training runs the decoder over prompt+label and applies the LM head ONLY at the positions that
 predict label tokens ([B, L, H] hidden -> [N_label_tokens, V] logits). Evaluation scores every
 label by its log-likelihood and predicts the best (accuracy, macro-F1).
+
+Texts are cut to text_char_bound() characters before they are tokenised: a fast tokenizer holds
+hundreds of bytes per character of its input, so one huge row would exhaust memory for 64 tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def text_char_bound(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> int:
+    """Characters of a text worth tokenising when only its first max_tokens tokens are kept:
+    2 * (max_tokens + 1) * the longest token of the vocabulary, in characters.
+
+    No token covers more characters than its vocabulary entry has (byte-level BPE: one entry
+    character per byte), so the kept tokens end within max_tokens * longest characters; the rest is
+    margin for the word the cut falls in, so the tokens kept are those of the whole text unless that
+    word is longer than the margin (SmolLM2: 81-character tokens, 64 tokens -> 10,530 characters)."""
+    longest = max(len(token) for token in tokenizer.get_vocab())
+    return 2 * (max_tokens + 1) * longest
 
 
 def pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +80,7 @@ class ClassificationTask:
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_text_tokens = max_text_tokens
+        self.max_text_chars = text_char_bound(tokenizer, max_text_tokens)
         self.pad_id = tokenizer.pad_token_id
         self.label_ids = [self._ids(" " + name) for name in self.label_names]
         if len({tuple(ids) for ids in self.label_ids}) != len(self.label_ids):
@@ -78,6 +94,7 @@ class ClassificationTask:
         return self.encode(list(data["text"]), list(data["label"]))
 
     def encode(self, texts: list[str], labels: list[int]) -> Encoded:
+        texts = [text[:self.max_text_chars] for text in texts]  # the tokens kept are the same (text_char_bound)
         batch = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_text_tokens)
         prompts = [self._head + ids + self._tail for ids in batch["input_ids"]]
         return Encoded(prompts, np.asarray(labels, dtype=np.int64))

@@ -15,7 +15,7 @@ from deca_flower.flower.coordinator import CoordinationError, Coordinator
 from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
 from deca_flower.results import RunWriter
-from deca_flower.runtime import build_runtime
+from deca_flower.runtime import build_runtime, node_data
 from tests.inprocess import InProcessGrid
 
 
@@ -98,6 +98,10 @@ def test_more_nodes_than_data_or_graph_allows(tiny_cfg):
         build_runtime(tiny_cfg.replace(layers_per_block=8), 0)
     with pytest.raises(DataError, match="lower shards-per-node"):
         build_runtime(tiny_cfg.replace(partitioner="shard", shards_per_node=1000), 0)
+    # 1,700 training articles, but not 10 each for 50 nodes drawn from Dirichlet(0.25) over 5 topics
+    with pytest.raises(DataError, match="the dirichlet split \\(alpha=0.25\\) found no way to give each of 50 nodes "
+                                        "at least 10 of the 1700 training examples: use fewer nodes, a larger alpha"):
+        node_data(tiny_cfg.replace(num_nodes=50, topology="complete"), 0)
 
 
 def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg, tmp_path):

@@ -78,3 +78,68 @@ def test_an_unparsable_run_config_is_a_message_not_a_traceback(capsys):
 
     assert main(["reference", "--run-config", "bma=none"]) == 2  # a string needs quotes
     assert "--run-config 'bma=none'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../../victim", "a/b", "a\\b", "..", ".", "a..b", " ", " run", "run\n", "/abs"])
+def test_a_run_name_that_could_leave_the_results_folder_is_refused(name):
+    with pytest.raises(ConfigError, match="run-name"):
+        DecaConfig(run_name=name)
+
+
+def test_plain_run_names_and_the_generated_one_are_accepted():
+    from deca_flower.paths import prepare_run
+
+    for name in ("deca-ring_seed0.v2", "bbc small"):
+        assert DecaConfig(run_name=name).run_name == name
+    cfg, run_dir = prepare_run(DecaConfig(results_dir="/tmp/runs"))
+    assert run_dir.parent == Path("/tmp/runs") and cfg.run_name.startswith("deca-erdos_renyi-")
+
+
+def test_one_type_error_does_not_hide_the_others_and_num_nodes_1_is_listed():
+    from deca_flower.cli import parse_overrides
+
+    with pytest.raises(ConfigError) as info:
+        DecaConfig.from_run_config(parse_overrides("rounds=2.0 num-nodes=1 lr=-1 topology='star' seed=-1 "
+                                                   "run-name='../x' resume=true overwrite=true"))
+    problems = str(info.value).splitlines()[1:]
+    for fragment in ("rounds must be an integer, got 2.0", "num-nodes must be >= 2 for gossip, got 1", "lr must be >= 0",
+                     "topology='star' is not one of", "seed must be in [0, 2**32 - 1], got -1", "run-name '../x'",
+                     "resume=true continues a run and overwrite=true starts it afresh"):
+        assert sum(fragment in line for line in problems) == 1, fragment
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32 - 1\], got 4294967296"):
+        DecaConfig(seed=2**32)
+
+
+@pytest.mark.parametrize(("preset", "content"), [
+    ("passwd", "root:x:0:0:SECRET-MARK:/root:/bin/bash\n"),                # not a YAML file
+    ("passwd.yaml", "root:x:0:0:SECRET-MARK:/root:/bin/bash\nbin:x:2\n"),  # YAML: one odd key
+    ("broken.yaml", "lr: [1\n  token: SECRET-MARK\n"),                   # a YAML error quotes the line
+    ("scalar.yaml", "SECRET-MARK plain text\n"),
+    ("keys.yaml", "SECRET-MARK: 1\nnodes: 3\n"),                           # keys that are no config key
+], ids=["not yaml", "passwd as yaml", "yaml error", "scalar", "odd keys"])
+def test_an_error_about_a_preset_never_prints_the_file(tmp_path, preset, content):
+    path = tmp_path / preset
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"preset '?{path}") as info:
+        DecaConfig.from_run_config({"preset": str(path)})
+    assert "SECRET" not in str(info.value)
+    if preset == "keys.yaml":  # a key close to a config key is still named: it is the likely typo
+        assert "unknown keys: 'nodes' (did you mean 'num-nodes'?), 1 not shown" in str(info.value)
+
+
+def test_the_system_password_file_is_not_a_preset():
+    with pytest.raises(ConfigError, match="is not a YAML file") as info:
+        DecaConfig.from_run_config({"preset": "../../../../../../etc/passwd"})
+    assert "root" not in str(info.value)
+
+
+@pytest.mark.parametrize(("labels", "task", "message"), [
+    ("a,b,a", "classify", r"labels lists \['a'\] more than once"),
+    ("sport", "classify", "names 1 class"),
+    (" , ", "classify", "names 0 class"),
+    ("a,b", "instruct", "labels is for task='classify'"),
+])
+def test_bad_labels_are_refused(labels, task, message):
+    dataset = "chatterbot-english" if task == "instruct" else "bbc-news"
+    with pytest.raises(ConfigError, match=message):
+        DecaConfig(labels=labels, task=task, dataset=dataset)

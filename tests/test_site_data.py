@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from datasets import ClassLabel, Dataset, Features, Value
 
 from apps.client_app import app as client_app
 from deca_flower.data.sources import DataError, load_corpus
@@ -10,6 +11,7 @@ from deca_flower.flower import state
 from deca_flower.flower.coordinator import CoordinationError
 from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
+from deca_flower.runtime import node_data
 from tests.inprocess import InProcessGrid
 
 TOPICS = ["sport", "tech", "politics"]
@@ -65,8 +67,63 @@ def test_a_data_file_edited_between_runs_is_read_again(tmp_path):
     from deca_flower.runtime import split_data
 
     path = tmp_path / "site.csv"
-    path.write_text("text,label\n" + "".join(f"old text {i},a\n" for i in range(10)))
+    path.write_text("text,label\n" + "".join(f"old text {i},{'ab'[i % 2]}\n" for i in range(10)))
     first, _ = split_data(str(path), "classify", 0.2, 0)
-    path.write_text("text,label\n" + "".join(f"new text number {i},b\n" for i in range(12)))
+    path.write_text("text,label\n" + "".join(f"new text number {i},{'bc'[i % 2]}\n" for i in range(12)))
     second, _ = split_data(str(path), "classify", 0.2, 0)
     assert all(t.startswith("old") for t in first["text"]) and all(t.startswith("new") for t in second["text"])
+
+
+BBC = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def class_names_of(corpus):
+    return {text: corpus.features["label"].names[label] for text, label in zip(corpus["text"], corpus["label"])}
+
+
+def test_labels_set_the_order_of_the_embedded_classes(tiny_cfg):
+    default = load_corpus("bbc-news")
+    assert default.features["label"].names == BBC and load_corpus("bbc-news", BBC)["label"] == default["label"]
+    reordered = load_corpus("bbc-news", BBC[::-1])
+    assert reordered.features["label"].names == BBC[::-1]
+    assert class_names_of(reordered) == class_names_of(default)  # every article keeps its class
+    wider = load_corpus("bbc-news", BBC + ["weather"])  # the data holds a subset of the classes listed
+    assert wider.features["label"].names[-1] == "weather" and 5 not in set(wider["label"])
+    with pytest.raises(DataError, match=r"labels \['tech'\] that are not in"):
+        load_corpus("bbc-news", BBC[:4])
+    # what the nodes train on (dataset=, the shared split): the order asked for
+    _, _, names = node_data(tiny_cfg.replace(labels=",".join(BBC[::-1])), 0)
+    assert names == BBC[::-1]
+
+
+def test_labels_set_the_order_for_a_shared_local_file_and_a_hub_data_set(tiny_cfg, tmp_path, monkeypatch):
+    shared = write_site(tmp_path / "shared.jsonl", TOPICS)
+    _, _, names = node_data(tiny_cfg.replace(dataset=shared, labels="tech,sport,politics"), 1)
+    assert names == ["tech", "sport", "politics"]
+    hub = Dataset.from_dict({"text": ["good", "bad", "fine", "awful"], "label": [1, 0, 1, 0]},
+                            features=Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])}))
+    monkeypatch.setattr("deca_flower.data.sources.load_dataset", lambda name, split: hub)
+    flipped = load_corpus("someone/reviews", ["pos", "neg"])
+    assert flipped.features["label"].names == ["pos", "neg"] and flipped["label"] == [0, 1, 0, 1]
+    with pytest.raises(DataError, match=r"labels \['pos'\] that are not in labels=\['neg', 'neutral'\]"):
+        load_corpus("someone/reviews", ["neg", "neutral"])
+
+
+def test_fewer_than_two_classes_is_refused(tmp_path):
+    one_class = write_site(tmp_path / "one.jsonl", ["sport"])
+    with pytest.raises(DataError, match=r"holds 1 class\(es\) \['sport'\]: classification needs at least 2"):
+        load_corpus(one_class)
+    assert load_corpus(one_class, TOPICS).features["label"].names == TOPICS  # one site's share of listed classes
+    with pytest.raises(DataError, match="fewer than 2 classes"):
+        load_corpus(one_class, ["sport"])
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank lines"])
+def test_an_empty_data_file_is_named(tmp_path, content):
+    from deca_flower.data.instructions import load_instructions
+
+    path = tmp_path / "site.jsonl"
+    path.write_text(content)
+    for load in (load_corpus, load_instructions):
+        with pytest.raises(DataError, match=f"data file {path} is empty"):
+            load(str(path))

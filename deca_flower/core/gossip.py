@@ -5,14 +5,19 @@ mix takes the difference form own + sum_j W[i,j] * (half_j - sent_i), sent_i bei
 sent (its bf16 half): equal in exact arithmetic, but nodes that agree get exactly their own block
 back, where the plain form would hand BMA (1 - W[i,i]) x bf16 rounding / lr of noise as "disagreement".
 
-Validation lives here too, so that nothing malformed is ever averaged into a model.
+Validation lives here too, so that nothing malformed is ever averaged into a model: the blocks
+(check_block) and the weights the relay announces (check_mixing_weights).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
+import networkx as nx
 import torch
+
+from deca_flower.core.topology import metropolis_hastings
 
 FLOAT64_SLICE = 1 << 18  # elements summed in float64 at a time (2 MiB): mix() and consensus_distance()
 
@@ -48,6 +53,44 @@ def check_block(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         if gap > max_deviation * max(own, 1e-12):
             raise BlockError(f"block from {sender} is {gap / max(own, 1e-12):.3g} x ||own block|| away "
                              f"(limit max-block-deviation={max_deviation})")
+
+
+class MixingWeightsError(ValueError):
+    """The mixing weights a node was sent are not the Metropolis-Hastings weights of the graph it knows."""
+
+
+def check_mixing_weights(node: int, self_weight: float, neighbour_weights: Mapping[int, float], graph: nx.Graph,
+                         atol: float = 1e-12) -> None:
+    """Raise MixingWeightsError unless self_weight and neighbour_weights {partition id: W[node, j]} are
+    exactly row `node` of W = metropolis_hastings(graph): every weight finite and >= 0, a weight for
+    each neighbour of `node` in `graph` and for no other node.
+
+    `graph`: the one the node knows (the announced topology less the nodes it was told dropped out),
+    labelled by partition id. The relay sends the weights with every step; a relay that inflates
+    them (self -1e4, neighbour 1e4 + 1 sum to 1 and move the node 1e4 times its distance to that
+    neighbour) or re-routes a block through a node that is no neighbour is refused here."""
+    if node in neighbour_weights:
+        raise MixingWeightsError(f"node {node} was sent a neighbour weight for itself")
+    told = {node: self_weight, **neighbour_weights}
+    bad = {j: w for j, w in told.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0}
+    if bad:
+        raise MixingWeightsError(f"node {node} was sent mixing weights that are negative or not finite numbers: {bad}")
+    if node not in graph:
+        raise MixingWeightsError(f"node {node} is not in the graph it knows (nodes {sorted(graph.nodes)})")
+    row = metropolis_hastings(graph, size=max(graph.nodes) + 1)[node]
+    expected = {j: float(w) for j, w in enumerate(row) if w > 0 or j == node}
+    strangers = sorted(set(told) - set(expected))
+    missing = sorted(set(expected) - set(told))
+    if strangers or missing:
+        found = ([f"weights for nodes {strangers} that are not its neighbours"] if strangers else []) + (
+            [f"no weights for its neighbours {missing}"] if missing else [])
+        raise MixingWeightsError(f"node {node} was sent {' and '.join(found)} "
+                                 f"(its neighbours in the graph it knows: {sorted(set(expected) - {node})})")
+    wrong = {j: (told[j], w) for j, w in expected.items() if not math.isclose(told[j], w, rel_tol=0.0, abs_tol=atol)}
+    if wrong:
+        raise MixingWeightsError(f"node {node} was sent mixing weights that differ from the Metropolis-Hastings "
+                                 "weights of its graph, {partition id: (sent, expected)}: " + str(wrong))
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

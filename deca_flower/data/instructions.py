@@ -98,7 +98,7 @@ def _as_instructions(raw: Dataset, name: str) -> Dataset:
         require_values(raw["category"], name, "category")  # a blank cell would become a category "None"
         categories = [str(c) for c in raw["category"]]
     else:
-        first = [t.split()[0].lower().strip(".,:;!?") for t in texts]
+        first = [t.split(maxsplit=1)[0].lower().strip(".,:;!?") for t in texts]  # not a list of every word of a huge row
         common = {w for w, _ in Counter(first).most_common(TOP_FIRST_WORDS)}
         categories = [w if w in common else "other" for w in first]
     names = sorted(set(categories))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
@@ -21,10 +23,10 @@ def build_partitioner(train: Dataset, kind: str, num_partitions: int, *, alpha: 
                       shards_per_node: int, seed: int) -> Partitioner:
     if num_partitions > len(train):
         raise DataError(f"{num_partitions} nodes but only {len(train)} training examples")
+    min_size = max(1, min(10, len(train) // (2 * num_partitions)))  # dirichlet: examples each node gets at least
     if kind == "dirichlet":
         partitioner: Partitioner = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed,
-            min_partition_size=max(1, min(10, len(train) // (2 * num_partitions))),
+            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed, min_partition_size=min_size,
         )
     elif kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -39,6 +41,17 @@ def build_partitioner(train: Dataset, kind: str, num_partitions: int, *, alpha: 
     else:
         raise DataError(f"unknown partitioner '{kind}'")
     partitioner.dataset = train
+    try:  # draw the whole split now (it is drawn once, from the seed): a split that cannot be made fails here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # flwr-datasets warns per failed draw, listing every alpha
+            partitioner.load_partition(0)
+    except ValueError as err:
+        if kind == "dirichlet":
+            raise DataError(f"the dirichlet split (alpha={alpha}) found no way to give each of {num_partitions} nodes at "
+                            f"least {min_size} of the {len(train)} training examples: use fewer "
+                            "nodes, a larger alpha, or partitioner='iid'") from None
+        raise DataError(f"cannot split {len(train)} training examples over {num_partitions} nodes with "
+                        f"partitioner='{kind}': {err}") from None
     return partitioner
 
 

