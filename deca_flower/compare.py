@@ -21,6 +21,7 @@ loses no earlier result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from deca_flower.config import DecaConfig
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("flwr", "reference-fast")
 RUN_KEYS = {"label", "seeds", "settings", "engine"}  # keys of a run that are not run-config
-PLACEMENT = {"results-dir", "run-name", "state-dir"}  # where a run writes: not part of what it computes
+PLACEMENT = {"results-dir", "run-name", "state-dir", "overwrite"}  # where a run writes: not what it computes
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,12 @@ def is_finished(run: PlannedRun, run_dir: Path) -> bool:
 
 
 def run_one(spec: dict[str, Any], run: PlannedRun, out_dir: Path) -> dict[str, Any]:
-    """Run it (its output goes to runs/<key>.log) and return its summary with the command."""
-    argv, shown = command_for(spec, run)
+    """Run it (its output goes to runs/<key>.log) and return its summary with the command. An earlier
+    run in its folder (another config, or --rerun) is replaced: the experiment owns its run folders."""
     run_dir = out_dir / "runs" / run.key
+    if (run_dir / "summary.json").is_file() or (run_dir / "checkpoint.json").is_file():
+        run = dataclasses.replace(run, values={**run.values, "overwrite": True})
+    argv, shown = command_for(spec, run)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     log_file = run_dir.parent / f"{run_dir.name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
