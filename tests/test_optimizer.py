@@ -175,3 +175,14 @@ def test_step_holds_grads_and_moments_only():
     assert opt.optimizer_bytes() == 16 * 4
     opt.step()
     assert opt.optimizer_bytes() == 16 * 8
+
+
+def test_an_overflowing_signal_is_an_error_not_a_nan_model():
+    """discrepancy='gradient' converts with Adam's own denominator, which holds the folded h*h: at a
+    large strength h grows every step. An overflow stops the step with a message naming the knob."""
+    param = torch.zeros(4)
+    opt = BlockAdam([param], lr=1e-3, discrepancy="gradient", strength=1e30)
+    param.grad = torch.ones(4)
+    opt.step()
+    with pytest.raises(FloatingPointError, match="bma-strength"):
+        opt.fold([torch.full((4,), 1.0)])

@@ -27,7 +27,10 @@ the fold leaves m unchanged (v moves by (1-b2)(m'^2 - v'), a change of order 1-b
 part enters m as (1-b1)*s*c*D/lr_t, which the next Adam step turns back into about (1-b1)*s*c: the
 strength s says how hard a node leans on its neighbours, as the share (1-b1)*s of the last gossip
 correction that the next local step repeats (s = 0: no consensus signal; s = 10 with b1 = 0.9: the
-whole correction once more). Adam's normalisation bounds the step at large s: v grows with h*h.
+whole correction once more). Adam's normalisation bounds the step at large s, since v grows with
+h*h; but D then holds h*h too, so once s * |c| / lr_t exceeds about 1/sqrt(1-b2), h grows
+geometrically within a visit and the node follows its neighbours, ignoring its gradient (what
+'scaled' does from the first fold). An overflow of the moments is an error, not a NaN model.
 
 No copy of theta is kept: u is recomputed from the moments (the same expression as
 torch.optim.Adam's), so the block's optimizer state is grads + m + v only: 12 bytes per parameter
@@ -126,6 +129,11 @@ class BlockAdam:
                         h = self._signal(i, mixed[i], part, factors[i]).mul_(scale)
                         flat_m[part].mul_(b1).add_(h, alpha=1 - b1)  # in place: no block-sized tensors
                     flat_v[part].mul_(b2).addcmul_(h, h, value=1 - b2)
+                if not torch.isfinite(v.sum()):  # v >= 0: one reduction finds an overflow anywhere in the tensor
+                    raise FloatingPointError(
+                        f"BMA's consensus signal overflowed (discrepancy='{self.discrepancy}', strength={self.strength}): "
+                        "with discrepancy='gradient' it grows within a visit when strength * |half - mixed| / lr_t "
+                        "exceeds about 1/sqrt(1 - bma-beta2); lower bma-strength")
                 state["exp_avg"], state["exp_avg_sq"] = m, v
         for master, value in zip(self.masters, mixed):
             master.copy_(value)
