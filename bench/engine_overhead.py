@@ -21,7 +21,7 @@ The deployment line is followed by what each kind of process used per inner step
 (read from /proc every 0.5 s while the job runs, evaluation and model loading included) and
 peak RSS, for the SuperLink, the ServerApp, the SuperNodes and the nodes' task runners.
 
-    python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants]
+    python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants [ROW ...]]
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--run-config", default=DEFAULT)
     parser.add_argument("--large-blocks", action="store_true", help="run-config LARGE_BLOCKS (6-layer blocks)")
-    parser.add_argument("--variants", action="store_true", help="deployment only, once per setting in VARIANTS")
+    parser.add_argument("--variants", nargs="*", type=int, metavar="ROW",
+                        help="deployment only, once per setting in VARIANTS (all, or the rows numbered from 0)")
     args = parser.parse_args()
     if args.large_blocks:
         args.run_config = LARGE_BLOCKS
@@ -180,8 +181,10 @@ def main() -> None:
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; run-config: {overrides}")
     out = Path(tempfile.mkdtemp(prefix="engine-overhead-"))
     start = time.time()
-    if args.variants:
+    if args.variants is not None:
         for i, variant in enumerate(VARIANTS):
+            if args.variants and i not in args.variants:
+                continue
             r = deployment(overrides, args.nodes, out / f"deployment{i}", variant)
             print(f"deployment, {variant}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam "
                   f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)", flush=True)
