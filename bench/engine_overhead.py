@@ -11,15 +11,13 @@ when they run one after another (simulation), the slowest node when they run sid
 (deployment); it is message passing, (de)serialising, mixing and bookkeeping. The first visit is
 left out (warm-up).
 
-`--variants` runs only the deployment, once per row of VARIANTS, to show what each setting
-costs, from Flower's defaults to deca_flower's: the SuperLink's state in SQLite (`--database`)
-or in memory; Flower's fixed polling naps or 0.25 s polls; a `flwr-clientapp` process per
-message (handing it to the warm worker), one warm task runner process, or the tasks in a thread
-of the SuperNode process (deca_flower's default).
+`--variants` runs only the deployment, once per row of VARIANTS (or the rows numbered): Flower's
+stock SuperNode, where every message runs in a fresh `flwr-clientapp` process that rebuilds the
+node from disk, against `deca-flower-supernode`.
 
 The deployment line is followed by what each kind of process used per inner step: CPU seconds
 (read from /proc every 0.5 s while the job runs, evaluation and model loading included) and
-peak RSS, for the SuperLink, the ServerApp, the SuperNodes and the nodes' task runners.
+peak RSS, for the SuperLink, the ServerApp, the SuperNodes and any per-message ClientApp processes.
 
     python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants [ROW ...]]
 """
@@ -40,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deca_flower.flower.loopback import Loopback
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.loopback import Loopback  # noqa: E402
 
 # the main job's blocks (embeddings + 15 x 2 layers; with 2 nodes the graph is one edge), fewer steps
 DEFAULT = "steps-per-block=4 eval-initial=false eval-samples=8 eval-every-blocks=0"
@@ -71,23 +69,18 @@ def simulation(overrides: str, nodes: int, out: Path) -> dict[str, float]:
     return per_step(out / "sim", "step_compute_sum_s")
 
 
-# deployment settings, Flower's defaults first, each row adding one change; the last row is what
-# tests/loopback.py and docker/ use
-FLOWER_SUPERNODE = ("flower-supernode", ())
-PER_MESSAGE = ("deca-flower-supernode", ("--task-runner", "per-message"))
+# deployment settings: (SuperLink state in SQLite, (SuperNode program, its arguments), SuperExec poll interval)
 VARIANTS = {
-    "flower defaults (SQLite state, 3 s / 1 s naps, process per message)": (True, FLOWER_SUPERNODE, None),
-    "+ in-memory SuperLink state": (False, FLOWER_SUPERNODE, None),
-    "+ 0.25 s polls (deca-flower-supernode --task-runner per-message)": (False, PER_MESSAGE, "0.25"),
-    "+ warm task runner process (deca-flower-supernode --task-runner in-process)":
-        (False, ("deca-flower-supernode", ("--task-runner", "in-process")), "0.25"),
-    "+ tasks in the SuperNode process (deca-flower-supernode)": (False, ("deca-flower-supernode", ()), "0.25"),
+    "flower-supernode (a flwr-clientapp process per message, node state from disk)":
+        (False, ("flower-supernode", ()), None),
+    "deca-flower-supernode (polls capped at 0.25 s, the ClientApp warm in the SuperNode)":
+        (False, ("deca-flower-supernode", ()), "0.25"),
 }
 DECA_DEFAULT = list(VARIANTS)[-1]
 
 
 ROLES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernodes": "supernode",
-         "task runners": "task_runner"}  # what a process's command line contains
+         "clientapps": "flwr-clientapp"}  # what a process's command line contains
 
 
 class ProcessWatch(threading.Thread):
@@ -142,15 +135,12 @@ def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAUL
     try:
         federation.start_superlink()
         for pid in range(nodes):
-            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={nodes} "
-                                       f"worker-socket='{out / f'w{pid}.sock'}' warm-worker-idle-s=60")
+            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={nodes}")
         result = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config",
                                  f"{overrides} run-name='deployed' results-dir='{out}'", timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
     finally:
-        for pid_file in out.glob("w*.pid"):
-            os.kill(int(pid_file.read_text()), 15)
         federation.stop()
         watch.done.set()
     result = per_step(out / "deployed", "step_compute_s")

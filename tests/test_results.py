@@ -5,7 +5,7 @@ import json
 import torch
 from flwr.app import ArrayRecord
 
-from deca_flower.flower.fedavg import parameters
+from deca_flower.flower.fedavg_client import parameters
 from deca_flower.results import RunWriter
 
 
