@@ -9,11 +9,6 @@ import pytest
 
 from deca_flower.config import DecaConfig
 
-# the same job as run-config overrides (deployment tests start real Flower processes with it)
-TINY_RUN_CONFIG = ("model='tiny-random' num-nodes=4 topology='erdos_renyi' edge-prob=0.6 layers-per-block=2 "
-                   "steps-per-block=2 batch-size=2 max-text-tokens=16 eval-samples=20 eval-batch-size=10 lr=0.001 "
-                   "eval-every-blocks=0")
-
 
 @pytest.fixture
 def tiny_cfg(tmp_path) -> DecaConfig:

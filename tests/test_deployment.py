@@ -20,11 +20,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deca_flower.compare import run_config_string
 from deca_flower.flower.loopback import BIN, Loopback
-from tests.conftest import TINY_RUN_CONFIG
 from tests.test_flower_matches_reference import flower_run
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def as_run_config(cfg) -> str:
+    """`cfg` as `flwr run --run-config` overrides, with the waits of a real federation (the numbers
+    do not depend on them; the fixture's are for in-process grids, which answer during the push)."""
+    return run_config_string(cfg.replace(reply_timeout_s=600.0, node_wait_s=120.0, rejoin_probe_s=20.0).to_run_config())
 
 
 def assert_saved_blocks_equal(state_dir: Path, in_process: list) -> None:
@@ -39,16 +45,19 @@ def assert_saved_blocks_equal(state_dir: Path, in_process: list) -> None:
 
 
 @pytest.mark.deployment
-@pytest.mark.parametrize("supernode_program", ["deca-flower-supernode", "flower-supernode"])
-def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode_program):
+@pytest.mark.parametrize(("supernode_program", "job"), [
+    ("deca-flower-supernode", {}),  # the irregular 4-node graph
+    # a process per message imports torch and rebuilds the node from disk: a shorter job on 2 nodes
+    ("flower-supernode", {"num_nodes": 2, "topology": "complete", "steps_per_block": 1, "eval_initial": False}),
+], ids=["deca-flower-supernode", "flower-supernode"])
+def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode_program, job):
+    cfg = tiny_cfg.replace(**job, run_name="deployed", state_dir=str(tmp_path / "deployed-nodes"))
     federation = Loopback(tmp_path, supernode_program=supernode_program)
     federation.start_superlink()
-    for pid in range(tiny_cfg.num_nodes):
-        federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={tiny_cfg.num_nodes}")
-    cfg = tiny_cfg.replace(run_name="deployed", state_dir=str(tmp_path / "deployed-nodes"))
-    overrides = f"{TINY_RUN_CONFIG} run-name='deployed' results-dir='{cfg.results_dir}' state-dir='{cfg.state_dir}'"
+    for pid in range(cfg.num_nodes):
+        federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={cfg.num_nodes}")
     try:
-        run = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", overrides)
+        run = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", as_run_config(cfg))
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     finally:
         federation.stop()
@@ -57,7 +66,7 @@ def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode
     if supernode_program == "deca-flower-supernode":  # the SuperNode ran every message itself
         assert per_message == [0] * cfg.num_nodes
     else:  # a flwr-clientapp process per message, each restoring the node from disk
-        assert min(per_message) > 5 and "restored from" in federation.log("supernode0")
+        assert min(per_message) >= 5 and "restored from" in federation.log("supernode0")
     deployed = json.loads((tmp_path / "runs" / "deployed" / "summary.json").read_text())
     summary, _, in_process = flower_run(cfg.replace(state_dir=str(tmp_path / "in-process-nodes"), run_name="local"))
     assert deployed["final"]["accuracy_per_node"] == pytest.approx(summary["final"]["accuracy_per_node"])
@@ -65,7 +74,7 @@ def test_loopback_deployment_equals_in_process_run(tiny_cfg, tmp_path, supernode
 
 
 @pytest.mark.deployment
-def test_a_killed_supernode_started_again_rejoins(tmp_path):
+def test_a_killed_supernode_started_again_rejoins(tiny_cfg, tmp_path):
     """With the tasks in the SuperNode process, a crash takes the node's warm state with it: SIGKILL
     node 2's SuperNode mid-run and start it again with the same node config (as compose's restart
     policy would). The SuperLink answers its open message with "node unavailable" once its heartbeat
@@ -75,10 +84,9 @@ def test_a_killed_supernode_started_again_rejoins(tmp_path):
     federation.start_superlink()
     supernodes = [federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=4")
                   for pid in range(4)]
-    runs = tmp_path / "runs"
-    overrides = (f"{TINY_RUN_CONFIG} steps-per-block=3 rounds=3 eval-initial=false state-sync='step' rejoin-probe-s=20 "
-                 f"run-name='crash' results-dir='{runs}' state-dir='{tmp_path / 'nodes'}'")
-    run = subprocess.Popen([BIN / "flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", overrides],
+    cfg = tiny_cfg.replace(steps_per_block=3, rounds=3, eval_initial=False, state_sync="step", run_name="crash")
+    runs = Path(cfg.results_dir)
+    run = subprocess.Popen([BIN / "flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", as_run_config(cfg)],
                            env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = runs / "crash" / "metrics.jsonl"
     try:

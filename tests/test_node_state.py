@@ -75,8 +75,8 @@ def test_a_process_that_died_before_its_reply_is_restored_from_its_newer_disk_st
 
 
 def test_a_message_whose_effects_are_on_disk_is_not_applied_twice(tiny_cfg, tmp_path):
-    """The process committed message "m3" and died before replying; the warm worker resends the
-    same message to a fresh process, which must refuse it instead of stepping again."""
+    """The process committed message "m3" and died before replying; should the same message reach a
+    fresh process, it must refuse it instead of stepping again."""
     _forget_this_process()
     cfg = tiny_cfg.replace(state_sync="step", state_dir=str(tmp_path / "nodes"))
     runtime = state.get_runtime(_context(0, cfg), 0)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from deca_flower.flower.loopback import Loopback
-from tests.conftest import TINY_RUN_CONFIG
-from tests.test_deployment import assert_saved_blocks_equal
+from tests.test_deployment import as_run_config, assert_saved_blocks_equal
 from tests.test_flower_matches_reference import flower_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +20,8 @@ def test_simulation_engine_equals_in_process_run(tiny_cfg, tmp_path):
     federation = Loopback(tmp_path, simulation=True)
     federation.start_superlink()
     cfg = tiny_cfg.replace(run_name="simulated", state_dir=str(tmp_path / "simulated-nodes"))
-    overrides = f"{TINY_RUN_CONFIG} run-name='simulated' results-dir='{cfg.results_dir}' state-dir='{cfg.state_dir}'"
     try:
-        run = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", overrides,
+        run = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", as_run_config(cfg),
                               "--federation-config", f"num-supernodes={cfg.num_nodes}")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     finally:

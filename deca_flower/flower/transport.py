@@ -44,6 +44,8 @@ class Transport:
     def send(self, requests: dict[int, Payload], timeout: float | None = None) -> dict[int, Message]:
         """Each node's reply (error replies included), keyed by the node the request went to; nodes
         that did not answer within `timeout` (default reply_timeout_s) are left out."""
+        if not requests:  # no push: replies pulled before stay held for the next one
+            return {}
         messages = [request(node_id, payload) for node_id, payload in requests.items()]
         pushed = list(self.grid.push_messages(messages))
         if len(pushed) != len(messages) or None in pushed:  # HttpGrid: [] on HTTP 413, None for a refused message
