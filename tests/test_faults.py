@@ -210,6 +210,10 @@ def test_a_run_resumes_without_the_nodes_it_had_dropped(tiny_cfg, tmp_path):
     resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
     resumed = run_deca(InProcessGrid(client_app, 3, run_id=8, node_configs=survivors), resumed_cfg, run_dir)
     assert list(resumed["dropped_nodes"]) == [3] and resumed["final"] == whole["final"]
+    whole_blocks, resumed_blocks = newest_blocks(tmp_path / "whole"), newest_blocks(tmp_path / "killed")
+    assert whole_blocks.keys() == resumed_blocks.keys() and len(whole_blocks) > 3
+    for key, tensors in whole_blocks.items():
+        assert all(torch.equal(value, resumed_blocks[key][name]) for name, value in tensors.items()), key
 
     state._WARM.clear()
     resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
