@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # the main job's blocks (embeddings + 15 x 2 layers; with 2 nodes the graph is one edge), fewer steps
 DEFAULT = "steps-per-block=4 eval-initial=false eval-samples=8 eval-every-blocks=0"
-# what sessions 2-6 measured: 6-layer blocks of 81 MiB, three times the default's
+# 6-layer blocks of 81 MiB, three times the default's
 LARGE_BLOCKS = ("topology='complete' embeddings='frozen' layers-per-block=6 steps-per-block=4 eval-initial=false "
                 "eval-samples=8 eval-every-blocks=0")
 

@@ -155,7 +155,7 @@ def test_an_untested_flower_turns_the_fast_paths_off_and_says_which_versions_wor
         assert not internals.replies_in_memory(grid)
         with pytest.raises(SystemExit):
             internals.run_supernode(["--insecure"], 0.25)  # Flower's own SuperNode, as it is
-        assert execs == [["flower-supernode", "--insecure"]]
+        assert execs == [["flower-supernode", "--insecure"]]  # (from this environment's bin/ when it has one)
     finally:
         monkeypatch.undo()
         internals.fast_paths.cache_clear()

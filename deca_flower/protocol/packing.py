@@ -3,7 +3,8 @@
 Layout: an 8-byte manifest length, the JSON manifest [[name, dtype, shape], ...], then every
 tensor's raw bytes back to back, each at an 8-byte aligned offset. One array instead of one per
 tensor, because Flower moves every Array (and each 5 MB chunk of it) as its own object, one HTTP
-request per object per hop in deployment: a SmolLM2 block of 6 layers was ~110 objects, now ~18.
+request per object per hop in deployment: a SmolLM2 block of 6 layers is ~18 objects packed, ~110
+as one Array per tensor.
 bf16 has no numpy dtype; its bytes are sent as they are and reinterpreted on arrival (no upcast).
 The payload is the packed buffer itself (a numpy array, not a `bytes` copy of it): Flower slices
 it through a memoryview in deployment, and numpy arrays pickle out of band (PEP 574), so the

@@ -24,7 +24,9 @@ import importlib.metadata
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
@@ -32,22 +34,19 @@ from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
-TESTED = ((1, 41, 0), (1, 43, 0))  # Flower versions [from, to) the fast paths were read from and tested on
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+TESTED = ((1, 41, 0), (1, 43))  # Flower versions [from, to) the fast paths were read from and tested on
+TESTED_TEXT = f"flwr >= {'.'.join(map(str, TESTED[0]))}, < {'.'.join(map(str, TESTED[1]))}"
 
 
 @functools.cache
 def fast_paths() -> bool:
     """Whether the installed Flower is one the fast paths were tested on (checked once per process)."""
     version = importlib.metadata.version("flwr")
-    if TESTED[0] <= version_tuple(version) < TESTED[1]:
+    if TESTED[0] <= tuple(int(part) for part in re.findall(r"\d+", version)[:3]) < TESTED[1]:
         return True
-    log.warning("Flower %s: deca_flower's fast paths are tested on flwr >= 1.41.0, < 1.43 only. Off: relaying blocks "
-                "by id on the ServerApp, and in deca-flower-supernode the capped polls and the warm in-SuperNode "
-                "ClientApp. Flower's plain path runs instead (slower: a flwr-clientapp process per message).", version)
+    log.warning("Flower %s: deca_flower's fast paths are tested on %s only. Off: relaying blocks by id on the "
+                "ServerApp, and in deca-flower-supernode the capped polls and the warm in-SuperNode ClientApp. "
+                "Flower's plain path runs instead (slower: a flwr-clientapp process per message).", version, TESTED_TEXT)
     return False
 
 
@@ -99,8 +98,10 @@ def replies_in_memory(grid: Grid) -> bool:
 def run_supernode(flower_args: list[str], poll_interval_s: float) -> None:
     """Flower's `flower-supernode` with these arguments; with the fast paths its polls capped at
     `poll_interval_s` and its ClientApp warm in this process (supernode.py)."""
-    if not fast_paths():
-        os.execvp("flower-supernode", ["flower-supernode", *flower_args])
+    if not fast_paths():  # this process becomes Flower's own SuperNode, from this environment if it has one
+        beside = Path(sys.executable).parent / "flower-supernode"
+        program = str(beside) if beside.is_file() else "flower-supernode"
+        os.execvp(program, ["flower-supernode", *flower_args])
     from deca_flower.flower.internals import supernode
 
     supernode.run(flower_args, poll_interval_s)
