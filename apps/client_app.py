@@ -1,63 +1,30 @@
-"""ClientApp: the gossip mod mixes neighbours' blocks (+BMA); handlers step, evaluate, answer queries.
-
-Under Flower's own flower-supernode every message gets a fresh process, so the first mod hands
-the message to the node's warm worker (deca_flower/flower/worker.py) and this module imports
-torch only when a handler actually runs here (simulation, the worker, or the warm task runner
-that deca-flower-supernode uses instead of a process per message).
-"""
+"""ClientApp: one handler per DECA message (deca_flower/protocol/messages.py); the gossip mod
+mixes neighbours' blocks (+BMA) before a train step. Method fedavg answers Flower's FedAvg."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 
-from deca_flower.flower.worker import warm_worker_mod
+from deca_flower.flower import fedavg_client, handlers
 from deca_flower.logs import use_flower_logging
+from deca_flower.protocol import messages as pm
 
 use_flower_logging()
 
-
-def gossip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    from deca_flower.flower.client import gossip_mod
-
-    return gossip_mod(msg, context, call_next)
+app = ClientApp(mods=[handlers.gossip_mod])
 
 
-app = ClientApp(mods=[warm_worker_mod, gossip])
+def _action(payload: type[pm.Payload]) -> str:
+    return payload.MESSAGE_TYPE.split(".", 1)[1]
 
 
-@app.query("deca")
-def query(msg: Message, context: Context) -> Message:
-    from deca_flower.flower.client import handle_query
-
-    return handle_query(msg, context)
-
-
-@app.train("deca")
-def train(msg: Message, context: Context) -> Message:
-    from deca_flower.flower.client import handle_train
-
-    return handle_train(msg, context)
-
-
-@app.evaluate("deca")
-def evaluate(msg: Message, context: Context) -> Message:
-    from deca_flower.flower.client import handle_evaluate
-
-    return handle_evaluate(msg, context)
-
-
-@app.train()
-def fedavg_train(msg: Message, context: Context) -> Message:
-    """Flower's FedAvg sends plain "train" messages (method fedavg)."""
-    from deca_flower.flower.fedavg import handle_fedavg_train
-
-    return handle_fedavg_train(msg, context)
-
-
-@app.evaluate()
-def fedavg_evaluate(msg: Message, context: Context) -> Message:
-    from deca_flower.flower.fedavg import handle_fedavg_evaluate
-
-    return handle_fedavg_evaluate(msg, context)
+app.query(_action(pm.Setup))(handlers.handle_setup)
+app.query(_action(pm.RejoinProbe))(handlers.handle_rejoin_probe)
+app.query(_action(pm.Resume))(handlers.handle_resume)
+app.query(_action(pm.Donate))(handlers.handle_donate)
+app.query(_action(pm.Handover))(handlers.handle_handover)
+app.query(_action(pm.InitialModel))(fedavg_client.handle_initial_model)
+app.train(_action(pm.TrainStep))(handlers.handle_step)
+app.evaluate(_action(pm.Evaluate))(handlers.handle_evaluate)
+app.train()(fedavg_client.handle_fedavg_train)  # Flower's FedAvg sends plain "train" and "evaluate" messages
+app.evaluate()(fedavg_client.handle_fedavg_evaluate)

@@ -1,5 +1,6 @@
 """ServerApp: resolve the run config, then relay blocks between graph neighbours (never average);
-method fedavg runs Flower's FedAvg strategy instead, as the centralised reference."""
+method fedavg runs Flower's FedAvg strategy instead, as the centralised reference. No torch here:
+the ServerApp handles blocks as records only."""
 
 from __future__ import annotations
 

@@ -11,17 +11,15 @@ when they run one after another (simulation), the slowest node when they run sid
 (deployment); it is message passing, (de)serialising, mixing and bookkeeping. The first visit is
 left out (warm-up).
 
-`--variants` runs only the deployment, once per row of VARIANTS, to show what each setting
-costs, from Flower's defaults to deca_flower's: the SuperLink's state in SQLite (`--database`)
-or in memory; Flower's fixed polling naps or 0.25 s polls; a `flwr-clientapp` process per
-message (handing it to the warm worker), one warm task runner process, or the tasks in a thread
-of the SuperNode process (deca_flower's default).
+`--variants` runs only the deployment, once per row of VARIANTS (or the rows numbered): Flower's
+stock SuperNode, where every message runs in a fresh `flwr-clientapp` process that rebuilds the
+node from disk, against `deca-flower-supernode`.
 
 The deployment line is followed by what each kind of process used per inner step: CPU seconds
 (read from /proc every 0.5 s while the job runs, evaluation and model loading included) and
-peak RSS, for the SuperLink, the ServerApp, the SuperNodes and the nodes' task runners.
+peak RSS, for the SuperLink, the ServerApp, the SuperNodes and any per-message ClientApp processes.
 
-    python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants]
+    python bench/engine_overhead.py [--nodes 2] [--run-config "..." | --large-blocks] [--variants [ROW ...]]
 """
 
 from __future__ import annotations
@@ -40,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from deca_flower.flower.loopback import Loopback
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.loopback import Loopback  # noqa: E402
 
 # the main job's blocks (embeddings + 15 x 2 layers; with 2 nodes the graph is one edge), fewer steps
 DEFAULT = "steps-per-block=4 eval-initial=false eval-samples=8 eval-every-blocks=0"
-# what sessions 2-6 measured: 6-layer blocks of 81 MiB, three times the default's
+# 6-layer blocks of 81 MiB, three times the default's
 LARGE_BLOCKS = ("topology='complete' embeddings='frozen' layers-per-block=6 steps-per-block=4 eval-initial=false "
                 "eval-samples=8 eval-every-blocks=0")
 
@@ -71,23 +69,18 @@ def simulation(overrides: str, nodes: int, out: Path) -> dict[str, float]:
     return per_step(out / "sim", "step_compute_sum_s")
 
 
-# deployment settings, Flower's defaults first, each row adding one change; the last row is what
-# tests/loopback.py and docker/ use
-FLOWER_SUPERNODE = ("flower-supernode", ())
-PER_MESSAGE = ("deca-flower-supernode", ("--task-runner", "per-message"))
+# deployment settings: (SuperLink state in SQLite, (SuperNode program, its arguments), SuperExec poll interval)
 VARIANTS = {
-    "flower defaults (SQLite state, 3 s / 1 s naps, process per message)": (True, FLOWER_SUPERNODE, None),
-    "+ in-memory SuperLink state": (False, FLOWER_SUPERNODE, None),
-    "+ 0.25 s polls (deca-flower-supernode --task-runner per-message)": (False, PER_MESSAGE, "0.25"),
-    "+ warm task runner process (deca-flower-supernode --task-runner in-process)":
-        (False, ("deca-flower-supernode", ("--task-runner", "in-process")), "0.25"),
-    "+ tasks in the SuperNode process (deca-flower-supernode)": (False, ("deca-flower-supernode", ()), "0.25"),
+    "flower-supernode (a flwr-clientapp process per message, node state from disk)":
+        (False, ("flower-supernode", ()), None),
+    "deca-flower-supernode (polls capped at 0.25 s, the ClientApp warm in the SuperNode)":
+        (False, ("deca-flower-supernode", ()), "0.25"),
 }
 DECA_DEFAULT = list(VARIANTS)[-1]
 
 
 ROLES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernodes": "supernode",
-         "task runners": "task_runner"}  # what a process's command line contains
+         "clientapps": "flwr-clientapp"}  # what a process's command line contains
 
 
 class ProcessWatch(threading.Thread):
@@ -142,15 +135,12 @@ def deployment(overrides: str, nodes: int, out: Path, variant: str = DECA_DEFAUL
     try:
         federation.start_superlink()
         for pid in range(nodes):
-            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={nodes} "
-                                       f"worker-socket='{out / f'w{pid}.sock'}' warm-worker-idle-s=60")
+            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions={nodes}")
         result = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config",
                                  f"{overrides} run-name='deployed' results-dir='{out}'", timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
     finally:
-        for pid_file in out.glob("w*.pid"):
-            os.kill(int(pid_file.read_text()), 15)
         federation.stop()
         watch.done.set()
     result = per_step(out / "deployed", "step_compute_s")
@@ -171,7 +161,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--run-config", default=DEFAULT)
     parser.add_argument("--large-blocks", action="store_true", help="run-config LARGE_BLOCKS (6-layer blocks)")
-    parser.add_argument("--variants", action="store_true", help="deployment only, once per setting in VARIANTS")
+    parser.add_argument("--variants", nargs="*", type=int, metavar="ROW",
+                        help="deployment only, once per setting in VARIANTS (all, or the rows numbered from 0)")
     args = parser.parse_args()
     if args.large_blocks:
         args.run_config = LARGE_BLOCKS
@@ -180,8 +171,10 @@ def main() -> None:
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; run-config: {overrides}")
     out = Path(tempfile.mkdtemp(prefix="engine-overhead-"))
     start = time.time()
-    if args.variants:
+    if args.variants is not None:
         for i, variant in enumerate(VARIANTS):
+            if args.variants and i not in args.variants:
+                continue
             r = deployment(overrides, args.nodes, out / f"deployment{i}", variant)
             print(f"deployment, {variant}: {r['wall']:.3f} s per inner step = {r['compute']:.3f} s fwd+bwd+Adam "
                   f"+ {r['overhead']:.3f} s overhead ({r['visits']} visits)", flush=True)

@@ -6,11 +6,11 @@
    ([B, L, H] -> [B, L, V]) then picking the label positions (task.py).
 2. Adam on the active block: torch.optim.Adam(foreach=True) (one multi-tensor kernel) versus the
    per-tensor loop (foreach=False) (core/optimizer.py).
-3. Blocks on the wire: raw bytes in the block's dtype (records.py) versus numpy's np.save
+3. Blocks on the wire: raw bytes in the block's dtype (protocol/packing.py) versus numpy's np.save
    serialisation that Array(ndarray) uses (header per tensor) and an fp32 upcast of bf16.
 4. A block through a node, each inner step: packing it (the payload is the packed buffer itself
    versus a bytes-subclass copy of it, as until session 6) and checking two neighbour blocks for
-   NaN/Inf (one sum per tensor versus an isfinite mask) (records.py, core/gossip.py).
+   NaN/Inf (one sum per tensor versus an isfinite mask) (protocol/packing.py, core/gossip.py).
 5. The embedding block (28M parameters, the largest) through a mix, each inner step: float64
    accumulation in a reused slice buffer versus a float64 copy of the whole block, and the BMA
    fold in place versus new tensors for h, m and v (core/gossip.py, core/optimizer.py, until
@@ -36,7 +36,8 @@ from deca_flower.config import DecaConfig
 from deca_flower.core.gossip import _all_finite, check_block, mix
 from deca_flower.core.optimizer import BlockAdam
 from deca_flower.core.reference import consensus_distance
-from deca_flower.flower.records import PACKED_KEY, block_to_record, record_bytes
+from deca_flower.protocol.packing import PACKED_KEY, record_bytes
+from deca_flower.protocol.tensors import block_to_record
 from deca_flower.runtime import build_runtime
 
 

@@ -4,10 +4,10 @@
     python bench/transport_costs.py
 
 1. Decoding a neighbour block from its record: a copy of the bytes (before) versus a read-only
-   view of them (records.py: the block is only validated and mixed).
+   view of them (protocol/tensors.py: the block is only validated and mixed).
 2. What Flower's Ray backend adds: pickling the train message (two neighbour blocks) into the
    actor and the reply (one block) back, as ray.cloudpickle does (protocol 5), with the block
-   bytes inside the pickle (plain `bytes`, before) versus out of band (records.py's payload,
+   bytes inside the pickle (plain `bytes`, before) versus out of band (protocol/packing.py's payload,
    after): Ray then copies each buffer once into its shared-memory object store (emulated here
    by one copy) and the receiver reads it in place.
 """
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import ray.cloudpickle as cloudpickle
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from deca_flower.config import DecaConfig
-from deca_flower.flower import records as rk
+from deca_flower.protocol import messages as pm
+from deca_flower.protocol.packing import record_bytes
+from deca_flower.protocol.tensors import block_to_record, record_to_block
 from deca_flower.runtime import build_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +35,7 @@ from fast_paths import best_of  # noqa: E402
 
 
 def decode_by_copy(record) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in rk.record_to_block(record, "bench").items()}
+    return {name: tensor.clone() for name, tensor in record_to_block(record, "bench").items()}
 
 
 def main() -> None:
@@ -43,20 +45,19 @@ def main() -> None:
     block = runtime.blocks[len(runtime.blocks) // 2]
     params = dict(runtime.node.model.named_parameters())
     half = {n: params[n].detach().clone() for n in block.param_names}
-    record = rk.block_to_record(half)
-    mib = rk.record_bytes(record) / 2**20
+    record = block_to_record(half)
+    mib = record_bytes(record) / 2**20
     print(f"block {block.name}: {mib:.1f} MiB")
 
     print(f"decode one neighbour block: copy {best_of(lambda: decode_by_copy(record)):.4f} s, "
-          f"view {best_of(lambda: rk.record_to_block(record, 'bench')):.4f} s")
+          f"view {best_of(lambda: record_to_block(record, 'bench')):.4f} s")
 
     halves = [{n: t + 1e-3 * torch.randn_like(t) for n, t in half.items()} for _ in range(3)]
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # Message() needs a run id
-    neighbours = {f"{rk.NEIGHBOUR_PREFIX}{j}": rk.block_to_record(halves[j]) for j in (1, 2)}  # distinct bytes
-    train = Message(RecordDict(neighbours),
-                    dst_node_id=1, message_type=rk.TRAIN)
-    reply = Message(RecordDict({rk.HALF: record}), dst_node_id=1, message_type=rk.TRAIN)
+    neighbours = {j: block_to_record(halves[j]) for j in (1, 2)}  # distinct bytes
+    train = pm.request(1, pm.TrainStep(step=1, self_weight=0.5, weights={1: 0.25, 2: 0.25}, halves=neighbours))
+    reply = Message(pm.StepResult(half=record).to_content(), dst_node_id=1, message_type=pm.TrainStep.MESSAGE_TYPE)
     for name, msg in (("train message (2 neighbour blocks)", train), ("reply (1 block)", reply)):
         in_band = in_band_copy(msg)
         data = cloudpickle.dumps(in_band, protocol=5)

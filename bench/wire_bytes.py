@@ -14,14 +14,14 @@ import platform
 import sys
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from deca_flower.config import DecaConfig
 from deca_flower.core.topology import build_graph, metropolis_hastings, neighbours
-from deca_flower.flower import records as rk
 from deca_flower.methods import method_blocks
 from deca_flower.plan import make_plan, meta_model
+from deca_flower.protocol import messages as pm
+from deca_flower.protocol.tensors import block_to_record
 
 
 def main() -> None:
@@ -43,16 +43,11 @@ def main() -> None:
     ratios = []
     for block in (blocks[0], blocks[len(blocks) // 2], blocks[-1]):
         tensors = {n: torch.zeros(shapes[n]) for n in block.param_names}
-        half = rk.block_to_record(tensors)
+        half = block_to_record(tensors)
         node = max(range(cfg.num_nodes), key=lambda i: len(neighbours(weights, i)))
         nbrs = neighbours(weights, node)
-        content = RecordDict({rk.CONFIG: ConfigRecord(cfg.to_run_config()),
-                              rk.INSTRUCTION: ConfigRecord({rk.STEP: 1, rk.MIX: True, rk.BLOCK: block.index, rk.START: False})})
-        mixing = {"self": float(weights[node, node])}
-        for j, w in nbrs.items():
-            content[f"{rk.NEIGHBOUR_PREFIX}{j}"] = half
-            mixing[f"{rk.NEIGHBOUR_PREFIX}{j}"] = w
-        content[rk.WEIGHTS] = ConfigRecord(mixing)
+        content = pm.TrainStep(step=1, block=block.index, self_weight=float(weights[node, node]), weights=nbrs,
+                               halves={j: half for j in nbrs}).to_content()
         payload = sum(t.numel() * t.element_size() for t in tensors.values()) * len(nbrs)  # the tensors alone
         wire = recorddict_to_proto(content).ByteSize()
         ratios.append(wire / payload)

@@ -18,10 +18,11 @@ from deca_flower.config import ConfigError, DecaConfig
 def parse_overrides(text: str) -> dict:
     """Flower-style "k=v k2='s'" overrides (parsed by Flower's own parser)."""
     import click
-    from flwr.common.config import parse_config_args
+
+    from deca_flower.flower.internals import parse_run_config
 
     try:
-        return parse_config_args([text]) if text else {}
+        return parse_run_config(text)
     except click.ClickException as err:  # Flower's message, without a traceback
         raise ConfigError(f"--run-config {text!r}: {err.message}") from None
 

@@ -6,11 +6,9 @@ same model on the same minibatches for the same seed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +19,9 @@ from deca_flower.config import DecaConfig, label_names
 from deca_flower.core.blocks import Block
 from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
 from deca_flower.data.instructions import load_instructions
-from deca_flower.data.partition import build_partitioner, node_partition, train_test
+from deca_flower.data.partition import node_partition, train_test
 from deca_flower.data.sources import load_corpus
+from deca_flower.data.splits import partitioner_for, split_data
 from deca_flower.instruct import EncodedPairs, InstructionTask
 from deca_flower.methods import add_lora, method_blocks
 from deca_flower.models import load_model
@@ -39,35 +38,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def split_data(dataset: str, task: str, test_fraction: float, seed: int,
-               labels: tuple[str, ...] = ()) -> tuple[Dataset, Dataset]:
-    """(train, held-out) of a whole data set; classify: classes in the order of `labels` ("" = sorted)."""
-    return _split_data(dataset, _local_version(dataset), task, test_fraction, seed, labels)
-
-
-@functools.lru_cache(maxsize=4)
-def _split_data(dataset: str, version: tuple, task: str, test_fraction: float, seed: int,
-                labels: tuple[str, ...]) -> tuple[Dataset, Dataset]:
-    corpus = load_instructions(dataset) if task == "instruct" else load_corpus(dataset, list(labels))
-    return train_test(corpus, test_fraction, seed)
-
-
-def _local_version(dataset: str) -> tuple:
-    """Names, sizes and mtimes of a local data file or folder (empty for a packaged or hub data set):
-    warm processes outlive runs, and a file edited between two runs must not come from the cache."""
-    path = Path(dataset)
-    if not path.exists():
-        return ()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-
-
-def partitioner_for(cfg: DecaConfig):
-    train, _ = split_data(cfg.dataset, cfg.task, cfg.test_fraction, cfg.seed, tuple(label_names(cfg.labels)))
-    return build_partitioner(train, cfg.partitioner, cfg.num_nodes, alpha=cfg.alpha,
-                             shards_per_node=cfg.shards_per_node, seed=cfg.seed)
 
 
 def node_data(cfg: DecaConfig, partition_id: int, data_path: str | None = None) -> tuple[Dataset, Dataset, list[str]]:

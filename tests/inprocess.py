@@ -1,7 +1,8 @@
 """A Grid that delivers messages by calling the ClientApp in this process (no Ray, no SuperLink).
 
 It runs the real ServerApp coordinator, mods and handlers; node state lands in the same
-process cache as in a one-actor simulation, so tests can compare it with the reference.
+process cache as in a one-actor simulation, so tests can compare it with the reference. An
+exception in the ClientApp becomes an error reply, as Flower's engines make it.
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ class InProcessGrid:
                     self.replies[delivered.metadata.message_id] = Message(
                         Error(0, "ClientApp raised RuntimeError: simulated crash"), reply_to=delivered)
                     continue
-            reply = self.client_app(delivered, self.contexts[node_id])
+            try:
+                reply = self.client_app(delivered, self.contexts[node_id])
+            except Exception as err:
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
+                                reply_to=delivered)
             if node_id not in self.drop_replies_from:
                 self.replies[delivered.metadata.message_id] = reply
         return ids

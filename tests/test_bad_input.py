@@ -2,42 +2,47 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from apps.client_app import app as client_app
+from deca_flower.core.topology import build_graph, metropolis_hastings
 from deca_flower.data.sources import DataError
-from deca_flower.flower import records as rk
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import CoordinationError, Coordinator
-from deca_flower.flower.job import run_deca
+from deca_flower.flower.job import connect, coordinator_for, run_deca
+from deca_flower.flower.transport import CoordinationError, Transport
 from deca_flower.paths import prepare_run
+from deca_flower.protocol import messages as pm
+from deca_flower.protocol.packing import consensus_distance
+from deca_flower.protocol.tensors import block_to_record, record_to_block
 from deca_flower.results import RunWriter
 from deca_flower.runtime import build_runtime, node_data
 from tests.inprocess import InProcessGrid
 
 
 def started_coordinator(cfg, tmp_path, **grid_args):
+    """A coordinator whose nodes are set up, with W of the config's graph; the graph itself is not
+    set, so a node that fails stops the run instead of being dropped."""
     state._WARM.clear()
     cfg, run_dir = prepare_run(cfg)
     grid = InProcessGrid(client_app, cfg.num_nodes, **grid_args)
-    coordinator = Coordinator(grid, cfg, RunWriter(run_dir))
-    coordinator.query_nodes(coordinator.wait_for_nodes())
-    return coordinator, grid
+    membership = connect(grid, cfg, RunWriter(run_dir))
+    membership.set_up(membership.wait_for_nodes())
+    membership.weights = metropolis_hastings(build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed,
+                                                         edge_prob=cfg.edge_prob))
+    return coordinator_for(membership, cfg), grid
+
+
+def warm_runtime(coordinator, grid, pid):
+    return state._WARM[(grid.run_id, coordinator.membership.node_of[pid])]
 
 
 def train_message(coordinator, pid, neighbour_blocks):
-    content = RecordDict({rk.CONFIG: coordinator.config_record,
-                          rk.INSTRUCTION: ConfigRecord({rk.STEP: 1, rk.MIX: True, rk.BLOCK: 1, rk.START: False,
-                                                       rk.FINISH: -1})})
-    mixing = {"self": 1.0 - 0.5 * len(neighbour_blocks)}
-    for j, block in neighbour_blocks.items():
-        content[f"{rk.NEIGHBOUR_PREFIX}{j}"] = rk.block_to_record(block)
-        mixing[f"{rk.NEIGHBOUR_PREFIX}{j}"] = 0.5
-    content[rk.WEIGHTS] = ConfigRecord(mixing)
-    return Message(content, dst_node_id=coordinator.node_of[pid], message_type=rk.TRAIN)
+    ask = pm.TrainStep(step=1, block=1, self_weight=1.0 - 0.5 * len(neighbour_blocks),
+                       weights={j: 0.5 for j in neighbour_blocks},
+                       halves={j: block_to_record(block) for j, block in neighbour_blocks.items()})
+    return pm.request(coordinator.membership.node_of[pid], ask)
 
 
 @pytest.mark.parametrize(("corrupt", "message"), [
@@ -49,9 +54,8 @@ def train_message(coordinator, pid, neighbour_blocks):
 def test_bad_neighbour_block_is_refused_by_the_mod(tiny_cfg, tmp_path, corrupt, message):
     cfg = tiny_cfg.replace(num_nodes=3, topology="complete")
     coordinator, grid = started_coordinator(cfg, tmp_path)
-    weights = np.full((3, 3), 1 / 3)
-    coordinator.exchange(weights, block=1, start=True)
-    runtime = state._WARM[(grid.run_id, coordinator.node_of[0])]
+    coordinator.exchange(block=1, start=True)
+    runtime = warm_runtime(coordinator, grid, 0)
     before = {k: v.clone() for k, v in runtime.node.block_values().items()}
     good = {k: v.clone() for k, v in before.items()}
     bad = corrupt({k: v.clone() for k, v in before.items()})
@@ -63,28 +67,27 @@ def test_bad_neighbour_block_is_refused_by_the_mod(tiny_cfg, tmp_path, corrupt, 
 
 def test_coordinator_stops_with_the_node_named_on_an_error_reply(tiny_cfg, tmp_path):
     coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
-    weights = np.full((3, 3), 1 / 3)
-    coordinator.exchange(weights, block=1, start=True)
-    halves = coordinator.progress.halves
-    halves[2] = rk.block_to_record({k: torch.full_like(v, math.inf)
-                                    for k, v in rk.record_to_block(halves[2], "t").items()})
-    with pytest.raises(CoordinationError, match="NaN or Inf"):
-        coordinator.exchange(weights, block=1, start=False)
+    coordinator.exchange(block=1, start=True)
+    half = coordinator.progress.halves[2]
+    half.half = block_to_record({k: torch.full_like(v, math.inf) for k, v in record_to_block(half.half, "t").items()})
+    with pytest.raises(CoordinationError, match=r"node 10\d failed: node \d: .*node 2.*NaN or Inf"):
+        coordinator.exchange(block=1, start=False)
 
 
 def test_missing_nodes_and_missing_replies_are_reported(tiny_cfg, tmp_path):
     cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=3, node_wait_s=1))
     with pytest.raises(CoordinationError, match=r"only 2 of 3 SuperNodes \(num-nodes=3\)"):
         run_deca(InProcessGrid(client_app, 2), cfg, run_dir)
-    coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3), tmp_path)
-    grid.drop_replies_from = {coordinator.node_of[1]}
+    coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
+    grid.drop_replies_from = {coordinator.membership.node_of[1]}
     with pytest.raises(CoordinationError, match="1 of 3 nodes did not reply"):
-        coordinator.exchange(np.full((3, 3), 1 / 3), block=0, start=True)
+        coordinator.exchange(block=0, start=True)
 
 
 def test_node_without_partition_id_is_refused(tiny_cfg, tmp_path):
-    with pytest.raises(Exception, match="partition-id"):
-        started_coordinator(tiny_cfg, tmp_path, node_configs={0: {}, 1: {"partition-id": 1}, 2: {"partition-id": 2}})
+    configs = {0: {}, 1: {"partition-id": 1}, 2: {"partition-id": 2}, 3: {"partition-id": 3}}
+    with pytest.raises(CoordinationError, match="node 100 failed: NodeSetupError: node-config lacks 'partition-id'"):
+        started_coordinator(tiny_cfg, tmp_path, node_configs=configs)
 
 
 def test_more_nodes_than_data_or_graph_allows(tiny_cfg):
@@ -107,14 +110,15 @@ def test_more_nodes_than_data_or_graph_allows(tiny_cfg):
 def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(num_nodes=3, topology="complete", on_bad_block="exclude", max_block_deviation=0.0)
     coordinator, grid = started_coordinator(cfg, tmp_path)
-    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
-    runtime = state._WARM[(grid.run_id, coordinator.node_of[0])]
+    coordinator.exchange(block=1, start=True)
+    runtime = warm_runtime(coordinator, grid, 0)
     own = {k: v.clone() for k, v in runtime.node.block_values().items()}
     good = {k: v + 1.0 for k, v in own.items()}
     bad = {k: torch.full_like(v, math.nan) for k, v in own.items()}
     [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: good, 2: bad})])
     assert not reply.has_error()
-    assert "node 2" in reply.content[rk.EXCLUDED]["senders"][0] and reply.content[rk.METRICS]["excluded"] == 1
+    result = pm.StepResult.from_content(reply.content)
+    assert len(result.excluded) == 1 and result.excluded[0].startswith("node 2: ") and "NaN or Inf" in result.excluded[0]
     # self weight 0 + the excluded 0.5 -> mixed = 0.5 * own + 0.5 * (own + 1); then one Adam step (lr 1e-3)
     mixed_then_stepped = runtime.node.block_values()
     for name, value in own.items():
@@ -123,8 +127,8 @@ def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg,
 
 def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
     coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
-    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
-    own = state._WARM[(grid.run_id, coordinator.node_of[0])].node.block_values()
+    coordinator.exchange(block=1, start=True)
+    own = warm_runtime(coordinator, grid, 0).node.block_values()
     far = {k: v * 100.0 for k, v in own.items()}
     [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far})])
     assert reply.has_error() and "max-block-deviation" in reply.error.reason
@@ -134,19 +138,19 @@ def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
 def test_a_half_that_does_not_decode_or_match_is_left_out_of_the_consensus_distance(tiny_cfg, tmp_path, caplog):
     # on-bad-block=exclude: the nodes left such a half out and went on; the relay's metric must too
     coordinator, _ = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
-    coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
-    halves = coordinator.progress.halves
-    x0, x2 = (rk.record_to_block(halves[pid], "t") for pid in (0, 2))
-    halves[1] = rk.block_to_record({k: v.reshape(-1) for k, v in rk.record_to_block(halves[1], "t").items()})
+    coordinator.exchange(block=1, start=True)
+    halves = {pid: result.half for pid, result in coordinator.progress.halves.items()}
+    x0, x2 = (record_to_block(halves[pid], "t") for pid in (0, 2))
+    halves[1] = block_to_record({k: v.reshape(-1) for k, v in record_to_block(halves[1], "t").items()})
     with caplog.at_level("WARNING"):
-        distance = coordinator._consensus_distance()
+        distance = consensus_distance(halves)
     # two nodes left: each is half their difference away from the mean
     assert distance == pytest.approx(sum(float(((x0[k] - x2[k]) ** 2).sum()) for k in x0) / 4)
     assert "node 1's half has other tensors" in caplog.text
-    halves[2] = rk.block_to_record({"w": torch.zeros(2)})
+    halves[2] = block_to_record({"w": torch.zeros(2)})
     halves[2]["block"].data = bytes(halves[2]["block"].data)[:-4]  # truncated
     with caplog.at_level("WARNING"):
-        assert coordinator._consensus_distance() == 0.0  # node 0 alone
+        assert consensus_distance(halves) == 0.0  # node 0 alone
     assert "block from node 2" in caplog.text and "its manifest describes" in caplog.text
 
 
@@ -156,11 +160,15 @@ def test_messages_the_superlink_refuses_stop_the_exchange(pushed, monkeypatch):
 
     from flwr.supercore.task_identity import TaskIdentity
 
-    from deca_flower.flower.coordinator import send_and_receive
-
     for name in ("_run_id", "_node_id", "_task_id"):  # as in a ServerApp process
         monkeypatch.setattr(TaskIdentity, name, 7)
     grid = SimpleNamespace(push_messages=lambda messages: pushed)
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=rk.QUERY) for n in (1, 2)]
     with pytest.raises(CoordinationError, match=f"refused {2 - len([p for p in pushed if p])} of 2"):
-        send_and_receive(grid, messages, timeout=1.0)
+        Transport(grid, reply_timeout_s=1.0).send({1: pm.Evaluate(), 2: pm.Evaluate()})
+
+
+def test_a_message_without_what_its_type_needs_is_refused_by_the_node(tiny_cfg, tmp_path):
+    coordinator, grid = started_coordinator(tiny_cfg.replace(num_nodes=3, topology="complete"), tmp_path)
+    node_id = coordinator.membership.node_of[0]
+    [reply] = grid.send_and_receive([Message(RecordDict(), dst_node_id=node_id, message_type="train.step")])
+    assert reply.has_error() and "ProtocolError: message lacks its ConfigRecord 'deca.fields'" in reply.error.reason

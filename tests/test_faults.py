@@ -3,21 +3,22 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from apps.client_app import app as client_app
-from deca_flower.core.topology import check_mixing_matrix
+from deca_flower.core.topology import build_graph, check_mixing_matrix, metropolis_hastings
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import CoordinationError, Coordinator
+from deca_flower.flower.coordinator import Coordinator
+from deca_flower.flower.job import connect, coordinator_for, run_deca
+from deca_flower.flower.transport import CoordinationError
 from deca_flower.paths import prepare_run
 from deca_flower.results import RunWriter
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, KilledRun
 
 
 def run_with_faults(cfg, silent=None, crash=None, gone=None):
-    from deca_flower.flower.job import run_deca
-
     state._WARM.clear()
     cfg, run_dir = prepare_run(cfg)
     grid = InProcessGrid(client_app, cfg.num_nodes)
@@ -56,21 +57,24 @@ def test_split_graph_stops_or_goes_on_per_component(tiny_cfg):
     assert sorted(summary["dropped_nodes"]) == [1, 3] and len(summary["final"]["accuracy_per_node"]) == 3
 
 
-def test_weights_after_dropout_are_doubly_stochastic_over_survivors(tiny_cfg, tmp_path):
-    import networkx as nx
+def set_up(cfg, grid):
+    """The membership of a job whose nodes are set up, with its graph and W (so failures drop nodes)."""
+    cfg, run_dir = prepare_run(cfg)
+    membership = connect(grid, cfg, RunWriter(run_dir))
+    membership.set_up(membership.wait_for_nodes())
+    membership.graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
+    membership.weights = metropolis_hastings(membership.graph)
+    return membership, coordinator_for(membership, cfg)
 
-    from deca_flower.core.topology import metropolis_hastings
 
-    state._WARM.clear()
-    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete"))
-    coordinator = Coordinator(InProcessGrid(client_app, 4), cfg, RunWriter(run_dir))
-    coordinator.query_nodes(coordinator.wait_for_nodes())
-    coordinator.graph = nx.complete_graph(4)
-    coordinator.weights = metropolis_hastings(coordinator.graph)
-    coordinator._drop({1: "test"})
-    w = coordinator.weights
+def test_weights_after_dropout_are_doubly_stochastic_over_survivors(tiny_cfg):
+    state._WARM.clear()  # the irregular graph 0-3, 1-2, 1-3, 2-3 without node 1: the path 0-3-2
+    membership, _ = set_up(tiny_cfg, InProcessGrid(client_app, 4))
+    membership.drop({1: "test"}, step=0)
+    w = membership.weights
     check_mixing_matrix(w)
-    assert w[1, 1] == 1.0 and w[1].sum() == 1.0 and w[0, 2] == pytest.approx(1 / 3)
+    expected = np.array([[2 / 3, 0, 0, 1 / 3], [0, 1, 0, 0], [0, 0, 2 / 3, 1 / 3], [1 / 3, 0, 1 / 3, 1 / 3]])
+    np.testing.assert_allclose(w, expected, rtol=0, atol=1e-15)
 
 
 # -- resume and rejoin -------------------------------------------------------------------------
@@ -90,15 +94,13 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in timings} for r in records if r["kind"] in ("eval", "visit")]
 
 
-# 3 nodes, 2 steps per visit, evaluation after every 2nd visit: the rounds of two visits are
-# step, step, step+finish of the previous visit, step, finish (5 rounds = 15 train messages)
-@pytest.mark.parametrize("kill_after", [19, 22, 13],
+# 4 nodes, 2 steps per visit, evaluation after every 2nd visit: the message rounds of two visits are
+# step, step, step+finish of the previous visit, step, finish (5 rounds = 20 train messages); the
+# kill lands on the first node of round 7, 8 or 5
+@pytest.mark.parametrize("kill_after", [25, 29, 17],
                          ids=["mid-visit", "during-a-finish-with-the-next-step", "during-a-mix-only-finish"])
 def test_killed_run_resumes_to_the_same_numbers(tiny_cfg, tmp_path, kill_after):
-    from deca_flower.flower.job import run_deca
-    from tests.inprocess import KilledRun
-
-    cfg = tiny_cfg.replace(rounds=2, eval_every_blocks=2)
+    cfg = tiny_cfg.replace(rounds=2, eval_every_blocks=2)  # the irregular 4-node graph
     whole, whole_records = run_with_faults(cfg.replace(run_name="whole", state_dir=str(tmp_path / "whole")))
 
     state._WARM.clear()
@@ -142,8 +144,8 @@ def test_a_visit_is_recorded_only_after_every_node_saved_it(tiny_cfg, monkeypatc
         record(self, checkpoint)
 
     monkeypatch.setattr(state, "_write_blocks", slow_write)
-    record = Coordinator._write_checkpoint
-    monkeypatch.setattr(Coordinator, "_write_checkpoint", checked)
+    record = Coordinator._checkpoint
+    monkeypatch.setattr(Coordinator, "_checkpoint", checked)
     cfg = tiny_cfg.replace(rounds=2, steps_per_block=1)
     summary, _ = run_with_faults(cfg)
     assert any(name.startswith("deca-save") for name in writers)  # the background path ran
@@ -151,21 +153,16 @@ def test_a_visit_is_recorded_only_after_every_node_saved_it(tiny_cfg, monkeypatc
 
 
 def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
-    from deca_flower.flower.coordinator import CoordinationError
-    from deca_flower.flower.job import run_deca
-
     with pytest.raises(CoordinationError, match="no run in"):
         cfg, run_dir = prepare_run(tiny_cfg.replace(run_name="never-ran", resume=True))
-        run_deca(InProcessGrid(client_app, 3), cfg, run_dir)
+        run_deca(InProcessGrid(client_app, 4), cfg, run_dir)
     run_with_faults(tiny_cfg)
     with pytest.raises(CoordinationError, match=r"differs from the run's saved config: \{'lr'"):
         cfg, run_dir = prepare_run(tiny_cfg.replace(resume=True, lr=0.5))
-        run_deca(InProcessGrid(client_app, 3), cfg, run_dir)
+        run_deca(InProcessGrid(client_app, 4), cfg, run_dir)
 
 
 def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
-    from deca_flower.flower.job import run_deca
-
     state._WARM.clear()
     cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete", rounds=1))
     grid = InProcessGrid(client_app, 4)
@@ -183,28 +180,20 @@ def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
 
 
-def test_a_node_lost_during_an_evaluation_is_dropped_like_in_training(tiny_cfg, tmp_path):
-    from deca_flower.core.topology import build_graph
-
+def test_a_node_lost_during_an_evaluation_is_dropped_like_in_training(tiny_cfg):
     state._WARM.clear()
-    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete"))
-    grid = InProcessGrid(client_app, cfg.num_nodes)
-    coordinator = Coordinator(grid, cfg, RunWriter(run_dir))
-    coordinator.query_nodes(coordinator.wait_for_nodes())
-    coordinator.graph = build_graph("complete", 4)
-    grid.drop_replies_from = {coordinator.node_of[3]}
-    record = coordinator.evaluate(list(coordinator.node_of), 0, 1, final=True)
-    assert record["nodes"] == 3 and list(coordinator.dropped) == [3]
-    check_mixing_matrix(coordinator.weights[:3, :3])
-    grid.drop_replies_from = set(coordinator.node_of.values())
+    grid = InProcessGrid(client_app, 4)
+    membership, coordinator = set_up(tiny_cfg.replace(topology="complete"), grid)
+    grid.drop_replies_from = {membership.node_of[3]}
+    record = coordinator.evaluate(sorted(membership.node_of), 0, 1, final=True)
+    assert record["nodes"] == 3 and list(membership.dropped) == [3]
+    check_mixing_matrix(membership.weights[:3, :3])
+    grid.drop_replies_from = set(membership.node_of.values())
     with pytest.raises(CoordinationError, match="no node answered the evaluation"):
         coordinator.evaluate([0], 0, -1)
 
 
 def test_a_run_resumes_without_the_nodes_it_had_dropped(tiny_cfg, tmp_path):
-    from deca_flower.flower.job import run_deca
-    from tests.inprocess import KilledRun
-
     cfg = tiny_cfg.replace(num_nodes=4, topology="complete", rounds=2, eval_every_blocks=2, rejoin_probe_s=0.0)
     whole, _ = run_with_faults(cfg.replace(run_name="whole", state_dir=str(tmp_path / "whole")), crash={3: 2})
 
@@ -221,6 +210,10 @@ def test_a_run_resumes_without_the_nodes_it_had_dropped(tiny_cfg, tmp_path):
     resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))
     resumed = run_deca(InProcessGrid(client_app, 3, run_id=8, node_configs=survivors), resumed_cfg, run_dir)
     assert list(resumed["dropped_nodes"]) == [3] and resumed["final"] == whole["final"]
+    whole_blocks, resumed_blocks = newest_blocks(tmp_path / "whole"), newest_blocks(tmp_path / "killed")
+    assert whole_blocks.keys() == resumed_blocks.keys() and len(whole_blocks) > 3
+    for key, tensors in whole_blocks.items():
+        assert all(torch.equal(value, resumed_blocks[key][name]) for name, value in tensors.items()), key
 
     state._WARM.clear()
     resumed_cfg, run_dir = prepare_run(cfg.replace(resume=True))

@@ -25,7 +25,7 @@ def flower_run(cfg):
 
 @pytest.mark.parametrize("bma", ["full", "trivial", "none"])
 def test_flower_blocks_equal_reference(tiny_cfg, bma):
-    cfg = tiny_cfg.replace(bma=bma, topology="erdos_renyi", num_nodes=4, rounds=2, block_order="random")
+    cfg = tiny_cfg.replace(bma=bma, rounds=2, block_order="random")  # the irregular 4-node graph of conftest
     summary, run_dir, flower_nodes = flower_run(cfg)
     reference_nodes = build_nodes(cfg)
     reference = run_reference_job(cfg, runtimes=reference_nodes)
@@ -45,7 +45,7 @@ def test_run_folder_contents(tiny_cfg):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert evals[0]["nodes"] == 1 and evals[-1]["nodes"] == 3 and len(evals) == 1 + 3
+    assert evals[0]["nodes"] == 1 and evals[-1]["nodes"] == 4 and len(evals) == 1 + 3
     assert json.loads((run_dir / "summary.json").read_text())["inner_steps"] == summary["inner_steps"]
     assert summary["bytes_sent_per_node"] > 0
 
@@ -87,7 +87,7 @@ def test_fast_reference_keeps_bf16_nodes_fp32_masters_as_the_oracle_does(tiny_cf
     from deca_flower.core.schedule import build_schedule
     from deca_flower.core.topology import build_graph, metropolis_hastings
 
-    weights = metropolis_hastings(build_graph("complete", 3))
+    weights = metropolis_hastings(build_graph(tiny_cfg.topology, tiny_cfg.num_nodes, edge_prob=tiny_cfg.edge_prob))
 
     def masters_after_each_step(fast: bool) -> list[list[torch.Tensor]]:
         nodes = [rt.node for rt in build_nodes(tiny_cfg)]

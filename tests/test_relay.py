@@ -1,12 +1,13 @@
 """Relaying a block does not upload it again: the ServerApp holds its reply confirmations until
-after the push that relays the blocks (deca_flower/flower/relay.py)."""
+after the push that relays the blocks, and pulls replies without their chunks
+(deca_flower/flower/internals/relay.py), on Flower's own object store."""
 
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 from flwr.app.message import remove_content_from_message
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import ErrorCode
@@ -17,8 +18,19 @@ from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectSto
 from flwr.supercore.run import Run
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from deca_flower.flower import records as rk
-from deca_flower.flower.relay import HeldConfirmations, RelayedArray, RelayError, confirm_after_push, pull_replies
+from deca_flower.flower.internals.relay import (
+    HeldConfirmations,
+    RelayedArray,
+    RelayError,
+    confirm_after_push,
+    pull_replies,
+    stop_holding,
+)
+from deca_flower.protocol import messages as pm
+from deca_flower.protocol.packing import PACKED_KEY, record_bytes
+from deca_flower.protocol.tensors import block_to_record, record_to_block
+
+HALF, NEIGHBOUR_HALF = "deca.half", "deca.halves.0"  # a StepResult's half; a TrainStep's half from node 0
 
 
 class RuntimeClient:
@@ -34,7 +46,8 @@ class RuntimeClient:
 
 def test_confirmations_wait_for_the_next_push():
     client = RuntimeClient()
-    grid = SimpleNamespace(_client=client)
+    grid = HttpGrid(token="t")
+    grid._client = client
     confirm_after_push(grid)  # first push: from now on confirmations are held
     assert isinstance(grid._client, HeldConfirmations)
     grid._client.ConfirmMessageReceived("reply 1")
@@ -43,7 +56,12 @@ def test_confirmations_wait_for_the_next_push():
     assert client.confirmed == []
     confirm_after_push(grid)  # the push that relays their blocks
     assert client.confirmed == ["reply 1", "reply 2"]
-    confirm_after_push(SimpleNamespace())  # grids without a Runtime API client are left alone
+    grid._client.ConfirmMessageReceived("reply 3")
+    stop_holding(grid)  # a Flower strategy takes over the grid: it confirms as Flower does
+    assert grid._client is client and client.confirmed == ["reply 1", "reply 2", "reply 3"]
+    other = SimpleNamespace(_client=client)
+    confirm_after_push(other)  # grids other than Flower's deployment grid are left alone
+    assert other._client is client
 
 
 def _store(store: InMemoryObjectStore, message: RecordDict) -> list[str]:
@@ -57,13 +75,13 @@ def _store(store: InMemoryObjectStore, message: RecordDict) -> list[str]:
 def test_superlink_store_needs_no_upload_of_a_relayed_block_while_its_reply_is_held():
     """Flower's own object store: what a push of the relay message must upload. (Each message's
     content stands in for the message: the tree below it is the same.)"""
-    block = rk.block_to_record({"w": torch.randn(4096)})
+    block = block_to_record({"w": torch.randn(4096)})
     block_ids = set(get_all_nested_objects(block))
     for held in (True, False):
         store = InMemoryObjectStore()
-        reply = RecordDict({rk.HALF: block, rk.METRICS: MetricRecord({"loss": 1.0})})
+        reply = RecordDict({HALF: block, pm.FIELDS: ConfigRecord({"loss": 1.0})})
         _store(store, reply)
-        relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": reply[rk.HALF], rk.CONFIG: ConfigRecord({"step": 1})})
+        relay = RecordDict({NEIGHBOUR_HALF: reply[HALF], pm.FIELDS: ConfigRecord({"step": 1})})
         if not held:  # Flower's grid confirms at pull: the SuperLink deletes the reply's objects
             store.delete(reply.object_id)
         to_upload = set(store.preregister(0, get_object_tree(relay)))
@@ -96,9 +114,9 @@ class SuperLinkStub:
 
 def _reply_with_block(block: dict) -> Message:
     metadata = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="a" * 64,
-                        group_id="", created_at=0.0, ttl=60.0, message_type=rk.TRAIN)
-    reply = Message(metadata=metadata, content=RecordDict({rk.HALF: rk.block_to_record(block),
-                                                           rk.METRICS: MetricRecord({"loss": 1.0})}))
+                        group_id="", created_at=0.0, ttl=60.0, message_type=pm.TrainStep.MESSAGE_TYPE)
+    reply = Message(metadata=metadata, content=pm.StepResult(half=block_to_record(block), loss=1.0, step_s=0.1,
+                                                            opt_bytes=0.0).to_content())
     reply.metadata.__dict__["_message_id"] = reply.object_id
     return reply
 
@@ -127,15 +145,15 @@ def test_replies_are_pulled_without_their_chunks_and_relayed_by_id(monkeypatch):
     # Assert: nothing of the block's bytes came down, yet the relay message names the same objects
     assert not chunk_ids & set(grid._client.pulled)
     assert grid._client.confirmed == [reply.object_id]
-    half = pulled.content[rk.HALF]
-    assert isinstance(half[rk.PACKED_KEY], RelayedArray)
-    assert rk.record_bytes(half) == rk.record_bytes(reply.content[rk.HALF])
-    relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": half, rk.CONFIG: ConfigRecord({"step": 1})})
-    assert half.object_id == reply.content[rk.HALF].object_id
+    half = pm.StepResult.from_content(pulled.content).half
+    assert isinstance(half[PACKED_KEY], RelayedArray)
+    assert record_bytes(half) == record_bytes(reply.content[HALF])
+    relay = pm.TrainStep(step=1, self_weight=0.5, weights={0: 0.5}, halves={0: half}).to_content()
+    assert half.object_id == reply.content[HALF].object_id
     to_upload = set(store.preregister(0, get_object_tree(relay)))
-    assert not to_upload & set(get_all_nested_objects(reply.content[rk.HALF]))
+    assert not to_upload & set(get_all_nested_objects(reply.content[HALF]))
     # reading the data fetches the chunks once, and they decode to the block
-    decoded = rk.record_to_block(half, "node 0")
+    decoded = record_to_block(half, "node 0")
     assert chunk_ids <= set(grid._client.pulled)
     assert all(torch.equal(decoded[k], block[k]) for k in block)
 
@@ -147,13 +165,13 @@ def test_a_relayed_chunk_the_superlink_no_longer_holds_is_an_error():
     grid = _grid(store, reply)
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     store.delete(reply.object_id)  # confirmed too early: the SuperLink dropped the block
-    relay = RecordDict({f"{rk.NEIGHBOUR_PREFIX}0": pulled.content[rk.HALF]})
+    relay = RecordDict({NEIGHBOUR_HALF: pulled.content[HALF]})
     to_upload = get_all_nested_objects(relay)
     with pytest.raises(RelayError, match="no longer holds"):
         for object_id in store.preregister(0, get_object_tree(relay)):
             to_upload[object_id].deflate()
     with pytest.raises(RelayError, match="no longer on the SuperLink"):
-        rk.record_to_block(pulled.content[rk.HALF], "node 0")
+        record_to_block(pulled.content[HALF], "node 0")
 
 
 def test_a_reply_whose_objects_are_gone_becomes_an_error_reply_from_its_node():
@@ -196,15 +214,15 @@ def test_a_reply_still_uploading_is_pulled_as_soon_as_its_message_object_is_in()
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert time.monotonic() - started < 1.0
     assert grid._client.pulled.count(reply.object_id) == 4
-    assert torch.equal(rk.record_to_block(pulled.content[rk.HALF], "node 7")["w"],
-                       rk.record_to_block(reply.content[rk.HALF], "node 7")["w"])
+    assert torch.equal(record_to_block(pulled.content[HALF], "node 7")["w"],
+                       record_to_block(reply.content[HALF], "node 7")["w"])
 
 
 def test_a_slow_upload_is_waited_for_by_time_not_by_a_count_of_looks(monkeypatch):
     # Flower's pull gives up after 500 looks per object: at 0.05 s apart that is ~25 s, not
     # UPLOAD_WAIT_S; a block uploading for longer (a large model, a slow link) must still arrive
-    monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_S", 1e-5)
-    monkeypatch.setattr("deca_flower.flower.relay.UPLOAD_RETRY_CAP_S", 1e-5)
+    monkeypatch.setattr("deca_flower.flower.internals.relay.UPLOAD_RETRY_S", 1e-5)
+    monkeypatch.setattr("deca_flower.flower.internals.relay.UPLOAD_RETRY_CAP_S", 1e-5)
     reply, grid = _still_uploading(looks=600)
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert not pulled.has_error()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from deca_flower.flower.fedavg import parameters
+from deca_flower.flower.fedavg_client import parameters
 from deca_flower.results import RunFolderError, RunWriter, check_run_folder
 
 

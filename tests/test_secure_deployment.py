@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,7 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.loopback import ROOT, Loopback
+from deca_flower.flower.loopback import Loopback
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_tls(folder):
@@ -53,8 +55,7 @@ def write_node_key(folder, name):
 
 @pytest.mark.deployment
 def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_path):
-    federation = Loopback(tmp_path, tls=write_tls(tmp_path / "tls"), supernode_auth=True,
-                          supernode_program="flower-supernode")  # Flower's own SuperNode works too
+    federation = Loopback(tmp_path, tls=write_tls(tmp_path / "tls"), supernode_auth=True)
     keys = tmp_path / "keys"
     keys.mkdir()
     try:
@@ -63,8 +64,7 @@ def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_pat
             private, public = write_node_key(keys, f"node{pid}")
             registered = federation.flwr("supernode", "register", str(public), "loopback", timeout=120)
             assert registered.returncode == 0, registered.stdout + registered.stderr
-            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=2 "
-                                       f"worker-socket='{tmp_path / f'w{pid}.sock'}' warm-worker-idle-s=60", private)
+            federation.start_supernode(f"supernode{pid}", f"partition-id={pid} num-partitions=2", private)
         intruder, _ = write_node_key(keys, "intruder")  # never registered
         intruding = federation.start_supernode("intruder", "partition-id=0 num-partitions=2", intruder)
         overrides = (f"model='tiny-random' num-nodes=2 topology='complete' steps-per-block=2 batch-size=2 "
@@ -80,6 +80,4 @@ def test_tls_and_supernode_auth_run_deca_and_refuse_an_unregistered_node(tmp_pat
         intruding.wait(timeout=120)  # it gives up: the SuperLink never activates an unregistered key
         assert intruding.returncode != 0 and "Failed to activate SuperNode" in federation.log("intruder")
     finally:
-        for pid_file in tmp_path.glob("w*.pid"):  # the warm workers
-            os.kill(int(pid_file.read_text()), 15)
         federation.stop()

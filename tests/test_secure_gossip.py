@@ -4,22 +4,19 @@ replayed and rewound steps are caught (the relay plays the attacker)."""
 import json
 import stat
 
-import numpy as np
 import pytest
 import torch
 
-from deca_flower.flower import records as rk
-from deca_flower.flower import state
+from deca_flower.flower.transport import CoordinationError
 from deca_flower.secure import NONCE_BYTES, SEAL_OVERHEAD, PairwiseChannel, SecurityError, write_demo_identities
-from tests.test_bad_input import started_coordinator
+from tests.test_bad_input import started_coordinator, warm_runtime
 from tests.test_flower_matches_reference import flower_run
 
 
 @pytest.fixture
-def secure_cfg(tiny_cfg, tmp_path):
-    keys = write_demo_identities(3, tmp_path / "keys")
-    return tiny_cfg.replace(num_nodes=3, topology="complete", secure_gossip=True,
-                            trusted_keys=str(keys / "trusted.json"), identity_key_dir=str(keys))
+def secure_cfg(tiny_cfg, tmp_path):  # the irregular 4-node graph: 0-3, 1-2, 1-3, 2-3
+    keys = write_demo_identities(tiny_cfg.num_nodes, tmp_path / "keys")
+    return tiny_cfg.replace(secure_gossip=True, trusted_keys=str(keys / "trusted.json"), identity_key_dir=str(keys))
 
 
 def test_secure_run_gives_the_same_models(secure_cfg):
@@ -32,11 +29,11 @@ def test_secure_run_gives_the_same_models(secure_cfg):
 
 def test_relay_sees_only_ciphertext_and_tampering_is_detected(secure_cfg, tmp_path):
     coordinator, grid = started_coordinator(secure_cfg, tmp_path)
-    weights = np.full((3, 3), 1 / 3)
-    coordinator.exchange(weights, block=1, start=True)
-    relayed = coordinator.progress.halves[1][f"{rk.SEALED_PREFIX}0"]["ct"].data
+    coordinator.exchange(block=1, start=True)
+    assert sorted(coordinator.progress.halves[3].sealed) == [0, 1, 2]  # one copy per neighbour of node 3
+    relayed = coordinator.progress.halves[3].sealed[0]["ct"].data
     plain = b"".join(v.contiguous().view(torch.uint8).numpy().tobytes()
-                     for v in state._WARM[(grid.run_id, coordinator.node_of[1])].node.block_values().values())
+                     for v in warm_runtime(coordinator, grid, 3).node.block_values().values())
     assert len(relayed) == len(plain) + SEAL_OVERHEAD and plain[:64] not in relayed  # nonce + AES-GCM + tag
     # the relay holds both public keys but no private one: a key of its own does not open the block
     from cryptography.exceptions import InvalidTag
@@ -46,26 +43,26 @@ def test_relay_sees_only_ciphertext_and_tampering_is_detected(secure_cfg, tmp_pa
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     guess = X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(
-        bytes.fromhex(coordinator.public_keys[1][0])))
-    key = HKDF(hashes.SHA256(), 32, salt=None, info=f"deca-flower pair 0-1 run {grid.run_id}".encode()).derive(guess)
+        bytes.fromhex(coordinator.membership.public_keys[3][0])))
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=f"deca-flower pair 0-3 run {grid.run_id}".encode()).derive(guess)
     with pytest.raises(InvalidTag):
-        AESGCM(key).decrypt(relayed[:NONCE_BYTES], relayed[NONCE_BYTES:], f"{grid.run_id}|0|1->0|1".encode())
+        AESGCM(key).decrypt(relayed[:NONCE_BYTES], relayed[NONCE_BYTES:], f"{grid.run_id}|0|3->0|1".encode())
     # flip one byte in transit: the receiving node refuses it
-    halves = coordinator.progress.halves
-    record = halves[1][f"{rk.SEALED_PREFIX}0"]
+    record = coordinator.progress.halves[3].sealed[0]
     tampered = bytearray(record["ct"].data)
     tampered[100] ^= 1
     record["ct"].data = bytes(tampered)
-    with pytest.raises(Exception, match="failed authentication"):
-        coordinator.exchange(weights, block=1, start=False)
+    with pytest.raises(CoordinationError, match="node 0: .*failed authentication"):
+        coordinator.exchange(block=1, start=False)
 
 
 def test_swapped_public_key_is_refused(secure_cfg, tmp_path):
     coordinator, _ = started_coordinator(secure_cfg, tmp_path)
+    keys = coordinator.membership.public_keys
     mallory = PairwiseChannel(0, 2, (tmp_path / "keys" / "node_0.pem").read_bytes(), {})
-    coordinator.public_keys[2] = (mallory.public.hex(), coordinator.public_keys[2][1])  # relay in the middle
-    with pytest.raises(Exception, match="not signed by its identity key"):
-        coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+    keys[2] = (mallory.public.hex(), keys[2][1])  # relay in the middle
+    with pytest.raises(CoordinationError, match="not signed by its identity key"):
+        coordinator.exchange(block=1, start=True)
 
 
 @pytest.mark.parametrize(("relayed", "message"), [
@@ -73,27 +70,23 @@ def test_swapped_public_key_is_refused(secure_cfg, tmp_path):
     ((None, "ab"), "not signed by its identity key"),
 ], ids=["key not hex", "short signature"])
 def test_malformed_relayed_key_is_refused_as_a_bad_neighbour(secure_cfg, tmp_path, relayed, message):
-    from deca_flower.flower.coordinator import CoordinationError
-
     coordinator, _ = started_coordinator(secure_cfg, tmp_path)
-    public, signature = coordinator.public_keys[2]
-    coordinator.public_keys[2] = (relayed[0] or public, relayed[1] or signature)
+    keys = coordinator.membership.public_keys
+    public, signature = keys[2]
+    keys[2] = (relayed[0] or public, relayed[1] or signature)
     with pytest.raises(CoordinationError, match=message):
-        coordinator.exchange(np.full((3, 3), 1 / 3), block=1, start=True)
+        coordinator.exchange(block=1, start=True)
 
 
 def test_a_relay_that_replays_or_rewinds_a_step_is_refused(secure_cfg, tmp_path):
-    from deca_flower.flower.coordinator import CoordinationError
-
     coordinator, _ = started_coordinator(secure_cfg, tmp_path)
-    weights = np.full((3, 3), 1 / 3)
-    coordinator.exchange(weights, block=1, start=True)  # step 0: sealed, not mixed yet
+    coordinator.exchange(block=1, start=True)  # step 0: sealed, not mixed yet
     sealed_at_0 = dict(coordinator.progress.halves)
-    coordinator.exchange(weights, block=1, start=False)  # step 1: the nodes open and mix step 0's blocks
+    coordinator.exchange(block=1, start=False)  # step 1: the nodes open and mix step 0's blocks
     progress = coordinator.progress
     progress.halves, progress.step = sealed_at_0, 1  # the relay delivers step 0 again, as if it were new
     with pytest.raises(CoordinationError, match=r"is for step 0, but step 0 was already accepted"):
-        coordinator.exchange(weights, block=1, start=False)
+        coordinator.exchange(block=1, start=False)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from datasets import ClassLabel, Dataset, Features, Value
 from apps.client_app import app as client_app
 from deca_flower.data.sources import DataError, load_corpus
 from deca_flower.flower import state
-from deca_flower.flower.coordinator import CoordinationError
 from deca_flower.flower.job import run_deca
+from deca_flower.flower.transport import CoordinationError
 from deca_flower.paths import prepare_run
 from deca_flower.runtime import node_data
 from tests.inprocess import InProcessGrid
@@ -37,17 +37,17 @@ def run(cfg, node_configs):
 
 
 def test_sites_train_on_their_own_files(tiny_cfg, tmp_path):
-    configs = sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:]])
+    configs = sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:], TOPICS[::2]])
     summary, run_dir = run(tiny_cfg.replace(labels=",".join(TOPICS)), configs)
     counts = summary["label_counts"]  # 80% of each site's 12 rows per topic, only its topics
-    assert counts[1][2] == 0 and counts[2][0] == 0 and all(sum(c) > 0 for c in counts.values())
-    assert len(summary["final"]["accuracy_per_node"]) == 3
+    assert counts[1][2] == 0 and counts[2][0] == 0 and counts[3][1] == 0 and all(sum(c) > 0 for c in counts.values())
+    assert len(summary["final"]["accuracy_per_node"]) == 4
     assert not (run_dir / "label_distribution.png").exists()  # the server never sees the sites' data
 
 
 def test_sites_that_number_classes_differently_are_refused(tiny_cfg, tmp_path):
     with pytest.raises(CoordinationError, match="nodes disagree on the class names"):
-        run(tiny_cfg, sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:]]))
+        run(tiny_cfg, sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:], TOPICS[::2]]))
 
 
 def test_a_label_outside_the_agreed_list_is_refused(tmp_path):

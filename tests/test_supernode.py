@@ -1,21 +1,20 @@
-"""deca-flower-supernode: Flower's SuperNode with capped polling sleeps and the task runner (loopback tests run it for real)."""
+"""deca-flower-supernode: Flower's SuperNode with capped polls and its ClientApp warm in the
+SuperNode process (deca_flower/flower/internals/supernode.py); the loopback tests run it for real."""
 
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
 
 import pytest
 
-from deca_flower.flower import supernode
-from deca_flower.flower.supernode import LOCAL_WAIT_S, cap_polling_sleeps, main
+from deca_flower.flower import internals
+from deca_flower.flower.internals import supernode
+from deca_flower.flower.internals.supernode import LOCAL_WAIT_S, CappedSleep
+from deca_flower.flower.supernode import main
 
 
 def test_sleeps_are_capped_and_the_rest_of_time_is_untouched(monkeypatch):
-    loop = types.ModuleType("loop")
-    loop.time = time
-    assert cap_polling_sleeps(loop, 0.3)
+    loop = types.SimpleNamespace(time=CappedSleep(0.3))
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     for seconds in (3, 0.5, 0.2, 0.001):  # Flower's idle poll of the SuperLink, then its waits on local state
@@ -24,14 +23,6 @@ def test_sleeps_are_capped_and_the_rest_of_time_is_untouched(monkeypatch):
     monkeypatch.undo()
     start = time.monotonic()
     assert loop.time.monotonic() >= start and loop.time.time() == pytest.approx(time.time(), abs=1.0)
-
-
-def test_a_loop_that_does_not_use_the_time_module_is_left_alone():
-    loop = types.ModuleType("loop")
-    loop.time = object()
-    before = loop.time
-    assert not cap_polling_sleeps(loop, 0.01)
-    assert loop.time is before
 
 
 def test_the_pinned_flower_polls_with_time_sleep_in_the_patched_module():
@@ -50,64 +41,19 @@ def test_a_bad_poll_interval_is_refused(capsys):
     assert "--poll-interval-s must be > 0" in capsys.readouterr().err
 
 
-def test_the_superexec_is_swapped_for_the_runner_and_a_crash_looping_runner_is_given_up(caplog):
-    gave_up = []
-    launcher = supernode.TaskRunnerLauncher(runner=(sys.executable, "-c", "import sys; sys.exit(3)"),
-                                            on_give_up=lambda: gave_up.append(True))
-    other = launcher.Popen([sys.executable, "-c", "print('untouched')"], stdout=subprocess.PIPE)
-    assert other.communicate()[0].strip() == b"untouched"
-    first = launcher.Popen(["flower-superexec", "--insecure"])
-    assert first.args == [sys.executable, "-c", "import sys; sys.exit(3)", "--insecure"]
-    deadline = time.monotonic() + 10 + supernode.RESTART_PAUSE_S
-    while "not restarting it" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "starting a new one" in caplog.text and "exited with 3 twice" in caplog.text
-    assert gave_up == [True]  # the SuperNode stops instead of staying registered without a runner
-
-
-def test_a_second_reply_to_a_message_is_dropped_by_the_supernode_state():
-    from flwr.app import ConfigRecord, Error, Message, RecordDict
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
-
-    class State(InMemoryNodeState):  # patched here, not Flower's class for the rest of the tests
-        pass
-
-    assert supernode.refuse_second_replies(State)
-    state = State(InMemoryObjectStore())
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    ask, gone = (Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=1, message_type="query") for i in (1, 2))
-    for message in (ask, gone):
-        message.metadata.__dict__["_message_id"] = message.object_id
-    state.store_message(ask)
-
-    def reply(to: Message, text: str) -> Message:
-        answer = Message(Error(ErrorCode.UNKNOWN, text), reply_to=to)
-        answer.metadata.__dict__["_message_id"] = answer.object_id
-        return answer
-
-    assert state.store_message(reply(ask, "first")) is not None   # e.g. "ClientApp stopped responding"
-    assert state.store_message(reply(ask, "second")) is None      # the restarted runner's, late
-    assert state.store_message(reply(gone, "to a message it no longer has")) is None
-    assert [m.error.reason for m in state.get_messages_legacy(is_reply=True)] == ["first"]
-
-
 def test_tasks_run_in_a_thread_of_the_supernode_instead_of_a_superexec_process(monkeypatch):
-    from deca_flower.flower import task_runner
-
     served = []
-    monkeypatch.setattr(task_runner, "serve_in_supernode", lambda *args: served.append(args))
+    monkeypatch.setattr(supernode, "serve_tasks", lambda *args: served.append(args))
     started = []
     start = supernode.with_tasks_in_supernode(lambda **kwargs: started.append(kwargs))
-    factory = object()
+    node_state = object()
+    factory = types.SimpleNamespace(state=lambda: node_state)
     start(state_factory=factory, runtime_api_address="0.0.0.0:9094", runtime_certificates=None,
           runtime_root_certificates_path=None, isolation="subprocess")
     deadline = time.monotonic() + 5
     while not served and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert served == [(factory, "127.0.0.1:9094", True, None)]  # a bind-all address is reached on loopback
+    assert served == [(node_state, "127.0.0.1:9094", True, None)]  # a bind-all address is reached on loopback
     assert started[0]["isolation"] == "process"  # so Flower starts no SuperExec process of its own
     start(state_factory=factory, runtime_api_address="0.0.0.0:9094", isolation="process")
     assert len(served) == 1 and started[1]["isolation"] == "process"  # an operator's own SuperExec: left alone
@@ -121,7 +67,7 @@ def test_a_task_in_the_supernode_reaches_flowers_handlers_on_the_node_state_with
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
     from flwr.supernode.servicer.runtime import runtime_handlers
 
-    from deca_flower.flower.task_runner import LocalRuntimeClient, handler_for
+    from deca_flower.flower.internals.supernode import LocalRuntimeClient, handler_for
 
     state = InMemoryNodeState(InMemoryObjectStore())
     state.create_task(TaskType.CLIENT_APP, run_id=7)
@@ -151,7 +97,7 @@ def test_a_task_in_the_supernode_waits_for_an_object_the_node_is_still_downloadi
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
     from flwr.supernode.servicer.runtime import runtime_handlers
 
-    from deca_flower.flower.task_runner import LocalRuntimeClient
+    from deca_flower.flower.internals.supernode import LocalRuntimeClient
 
     state = InMemoryNodeState(InMemoryObjectStore())
     state.create_task(TaskType.CLIENT_APP, run_id=7)
@@ -168,22 +114,49 @@ def test_a_task_in_the_supernode_waits_for_an_object_the_node_is_still_downloadi
 def test_a_reply_that_cannot_be_pushed_still_closes_its_task_as_failed(monkeypatch):
     from flwr.common.constant import SubStatus
 
-    from deca_flower.flower import task_runner
-
     outputs = []
-    monkeypatch.setattr(task_runner, "LocalRuntimeClient", lambda state, token: types.SimpleNamespace(close=lambda: None))
-    monkeypatch.setattr(task_runner, "HeartbeatSender", lambda fn: types.SimpleNamespace(start=lambda: None,
-                                                                                         is_running=False))
-    monkeypatch.setattr(task_runner, "make_task_heartbeat_fn_http", lambda client: None)
-    monkeypatch.setattr(task_runner, "pull_task_input", lambda client: ("message", "context", None, None))
+    monkeypatch.setattr(supernode, "LocalRuntimeClient", lambda state, token: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(supernode, "HeartbeatSender", lambda fn: types.SimpleNamespace(start=lambda: None,
+                                                                                       is_running=False))
+    monkeypatch.setattr(supernode, "make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(supernode, "pull_task_input", lambda client: ("message", "context", None, None))
 
     def push_message(client, reply, context):
         raise ConnectionError("SuperNode went away")
 
-    monkeypatch.setattr(task_runner, "push_message", push_message)
-    monkeypatch.setattr(task_runner, "push_task_output",
+    monkeypatch.setattr(supernode, "push_message", push_message)
+    monkeypatch.setattr(supernode, "push_task_output",
                         lambda client, context, status, details: outputs.append((status, details)))
-    executor = task_runner.InProcessExecutor(state=object())
+    executor = supernode.WarmExecutor(state=object())
     executor.client_app, executor.fab_hash = (lambda message, context: "reply"), "fab"
     executor.run_task(types.SimpleNamespace(token="t", task_id=3))
     assert outputs == [(SubStatus.FAILED, "reply not pushed: ConnectionError: SuperNode went away")]
+
+
+def test_an_untested_flower_turns_the_fast_paths_off_and_says_which_versions_work(monkeypatch, caplog):
+    monkeypatch.setattr(internals.importlib.metadata, "version", lambda name: "1.43.0")
+    internals.fast_paths.cache_clear()
+    execs = []
+
+    def execvp(program, argv):  # the real one replaces this process: nothing after it runs
+        execs.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(internals.os, "execvp", execvp)
+    try:
+        with caplog.at_level("WARNING"):
+            assert not internals.fast_paths()
+        assert "Flower 1.43.0" in caplog.text and "flwr >= 1.41.0, < 1.43" in caplog.text
+        assert "Off: relaying blocks by id" in caplog.text and "warm in-SuperNode ClientApp" in caplog.text
+        pulled = []
+        grid = types.SimpleNamespace(pull_messages=lambda ids: pulled.extend(ids) or [], _client=object())
+        assert internals.pull_replies(grid, ["m1"]) == [] and pulled == ["m1"]  # Flower's own pull
+        internals.confirm_after_push(grid)
+        assert not internals.replies_in_memory(grid)
+        with pytest.raises(SystemExit):
+            internals.run_supernode(["--insecure"], 0.25)  # Flower's own SuperNode, as it is
+        assert execs == [["flower-supernode", "--insecure"]]  # (from this environment's bin/ when it has one)
+    finally:
+        monkeypatch.undo()
+        internals.fast_paths.cache_clear()
+    assert internals.fast_paths()  # the installed Flower is a tested one

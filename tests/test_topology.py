@@ -17,8 +17,8 @@ from deca_flower.core.topology import (
 @pytest.mark.parametrize("n", [9, 16])
 def test_mixing_matrix_symmetric_doubly_stochastic(name, n):
     weights = metropolis_hastings(build_graph(name, n, seed=3, edge_prob=0.3))
-    assert np.allclose(weights, weights.T)
-    assert np.allclose(weights.sum(0), 1) and np.allclose(weights.sum(1), 1)
+    assert np.allclose(weights, weights.T, rtol=0, atol=1e-15)
+    assert np.allclose(weights.sum(0), 1, rtol=0, atol=1e-12) and np.allclose(weights.sum(1), 1, rtol=0, atol=1e-12)
     assert (weights >= 0).all()
     assert 0 < spectral_gap(weights) <= 1 + 1e-12
 
@@ -61,3 +61,7 @@ def test_non_stochastic_matrix_is_refused():
         check_mixing_matrix(np.array([[0.5, 0.5], [0.5, 0.4]]))
     with pytest.raises(TopologyError, match="symmetric"):
         check_mixing_matrix(np.array([[0.7, 0.3], [0.2, 0.8]]))
+    with pytest.raises(TopologyError, match="doubly stochastic"):  # 2e-6 off: within numpy's default rtol of 1
+        check_mixing_matrix(np.array([[0.5, 0.500002], [0.500002, 0.5]]))
+    with pytest.raises(TopologyError, match="symmetric"):
+        check_mixing_matrix(np.array([[0.5, 0.5 + 1e-9, 0.0], [0.5, 0.5, 1e-9], [0.0, 0.0, 1.0]]))

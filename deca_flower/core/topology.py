@@ -112,11 +112,11 @@ def check_mixing_matrix(weights: np.ndarray, atol: float = 1e-12) -> None:
     """Refuse W unless square, symmetric, non-negative, with rows and columns summing to 1."""
     if weights.ndim != 2 or weights.shape[0] != weights.shape[1]:
         raise TopologyError(f"mixing matrix must be square, got shape {weights.shape}")
-    if not np.allclose(weights, weights.T, atol=atol):
+    if not np.allclose(weights, weights.T, rtol=0, atol=atol):  # absolute: numpy's default rtol would add 1e-5
         raise TopologyError("mixing matrix is not symmetric")
     if (weights < -atol).any():
         raise TopologyError("mixing matrix has negative entries")
-    if not (np.allclose(weights.sum(0), 1, atol=atol) and np.allclose(weights.sum(1), 1, atol=atol)):
+    if not (np.allclose(weights.sum(0), 1, rtol=0, atol=atol) and np.allclose(weights.sum(1), 1, rtol=0, atol=atol)):
         raise TopologyError("mixing matrix is not doubly stochastic")
 
 

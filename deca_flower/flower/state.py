@@ -1,7 +1,12 @@
-"""Where a node's model, moments and position live between messages.
+"""Where a node's run config, model, moments and position live between messages.
+
+The run config comes with the node's Setup (or RejoinProbe) message: validated once, it is kept
+in the node's Flower `context.state` (CONFIG), so that later messages need not carry it and a
+process without a warm copy of the node can rebuild it.
 
 Simulation serves many nodes from one long-lived Ray actor process, in any order; a node may
-also land on another actor. So:
+also land on another actor; Flower's stock `flower-supernode` starts a fresh `flwr-clientapp`
+process for every message. So:
 - warm tier: a process-level cache {(run id, node id): runtime}; each processed message bumps
   a generation counter stored both in the runtime and in the node's Flower `context.state`,
   so a stale or foreign copy is never used;
@@ -10,7 +15,9 @@ also land on another actor. So:
   state); `position.json` (generation, active block, minibatch RNG, the message it answered) and,
   with state-sync="step", `active.g<generation>.safetensors` (active block, Adam moments, whether a
   fold is pending) after every message, the older one deleted only once position.json names the
-  new one. A process without a warm copy rebuilds the runtime and overlays these.
+  new one. A process without a warm copy rebuilds the runtime and overlays these. A
+  `flwr-clientapp` process keeps nothing warm, so it writes the active block after every message
+  whatever state-sync says.
 
 Checkpoints are block-boundary snapshots for `resume=true`. When the finish of a visit rides on
 a step of another block (state-sync="block"), the node writes it in a background thread while
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +43,7 @@ from flwr.app import ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
 from deca_flower.config import DecaConfig
+from deca_flower.protocol.messages import CONFIG
 from deca_flower.runtime import NodeRuntime, build_runtime
 
 log = logging.getLogger(__name__)
@@ -42,9 +51,12 @@ log = logging.getLogger(__name__)
 STATE_RECORD = "deca.state"
 _VERSIONED = re.compile(r"(block_(\d+)|checkpoint)\.v(\d+)\.(safetensors|json)$")
 KEEP_VERSIONS = 3
-_WARM: dict[tuple[int, int], NodeRuntime] = {}
+_WARM: dict[tuple[int, int], NodeRuntime] = {}  # (run id, node id) -> the node, warm in this process
+_CONFIGS: dict[tuple[int, int], DecaConfig] = {}  # (run id, node id) -> its run config, validated
 _SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deca-save")  # one writer: saves land in order
 _saving: Future | None = None  # the newest background save of any node in this process
+# Flower's stock SuperNode runs every message in a new process of this name: nothing stays warm
+PROCESS_PER_MESSAGE = Path(sys.argv[0]).name == "flwr-clientapp"
 
 
 class StateLost(RuntimeError):
@@ -55,22 +67,44 @@ def node_dir(cfg: DecaConfig, partition_id: int) -> Path:
     return Path(cfg.state_dir) / f"node_{partition_id:03d}"
 
 
+def syncs_every_step(cfg: DecaConfig) -> bool:
+    """Whether the active block is written after every message (state-sync="step", or a process per message)."""
+    return cfg.state_sync == "step" or PROCESS_PER_MESSAGE
+
+
+def configure(context: Context, run_config: dict) -> DecaConfig:
+    """Validate the run config of a Setup or RejoinProbe and keep it in the node's context."""
+    context.state[CONFIG] = ConfigRecord(run_config)
+    _CONFIGS.pop((context.run_id, context.node_id), None)
+    return config_of(context)
+
+
+def config_of(context: Context) -> DecaConfig:
+    """The node's run config, validated once per run in this process."""
+    key = (context.run_id, context.node_id)
+    if key not in _CONFIGS:
+        if CONFIG not in context.state:
+            raise StateLost(f"no setup message of run {context.run_id} reached node {context.node_id}")
+        _CONFIGS[key] = DecaConfig(**{k.replace("-", "_"): v for k, v in context.state[CONFIG].items()})
+    return _CONFIGS[key]
+
+
 def generation_of(context: Context) -> int:
     record = context.state.get(STATE_RECORD)
     return int(record["generation"]) if record is not None else 0
 
 
-def get_runtime(context: Context, cfg: DecaConfig, partition_id: int, data_path: str | None = None,
-                message_id: str = "") -> NodeRuntime:
-    """The node's runtime at the generation recorded in its context (warm, or restored), once
-    every background save of this process has landed. `message_id`: the message about to be handled."""
+def get_runtime(context: Context, partition_id: int, data_path: str | None = None, message_id: str = "") -> NodeRuntime:
+    """The node's runtime at the generation recorded in its context (warm, or built from the
+    config in its context and restored), once every background save of this process has landed.
+    `message_id`: the message about to be handled."""
     wait_for_saves()
     key = (context.run_id, context.node_id)
     generation = generation_of(context)
     runtime = _WARM.get(key)
     if runtime is not None and runtime.generation == generation:
         return runtime
-    runtime = build_runtime(cfg, partition_id, data_path=data_path)
+    runtime = build_runtime(config_of(context), partition_id, data_path=data_path)
     if generation:
         _restore(runtime, generation, message_id)
     _drop_other_runs(context.run_id)
@@ -87,13 +121,13 @@ def commit(context: Context, runtime: NodeRuntime, message_id: str = "") -> None
     node = runtime.node
     mid_block = node.optimizer is not None
     active = _active_file(folder, runtime.generation)
-    if runtime.cfg.state_sync == "step" and mid_block:
+    if syncs_every_step(runtime.cfg) and mid_block:
         tensors = {f"w.{k}": v.cpu() for k, v in node.block_values().items()}
         tensors.update({f"opt.{k}": v.cpu() for k, v in node.optimizer.state_tensors().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, active.with_suffix(".tmp"))
         active.with_suffix(".tmp").replace(active)
     position = {"generation": runtime.generation, "active": node.active_index,
-                "synced": runtime.cfg.state_sync == "step" or not mid_block,
+                "synced": syncs_every_step(runtime.cfg) or not mid_block,
                 "sampler": node.sampler.state(), "message": message_id}
     tmp = folder / "position.json.tmp"
     tmp.write_text(json.dumps(position))
@@ -183,13 +217,13 @@ def restore_checkpoint(runtime: NodeRuntime, visit: int) -> None:
     log.info("node %d resumed from %s at the end of visit %d", runtime.partition_id, folder, visit)
 
 
-def forget_checkpoints(runtime: NodeRuntime, after: int = -1) -> None:
-    """Delete saved block versions and checkpoints of visits after `after` (all by default), and
+def forget_checkpoints(runtime: NodeRuntime, after: int | None = None) -> None:
+    """Delete saved block versions and checkpoints of visits after `after` (all when None), and
     what a process that died while writing left behind."""
     folder = node_dir(runtime.cfg, runtime.partition_id)
     for versions in _versions(folder).values():
         for visit, path in versions:
-            if visit > after:
+            if after is None or visit > after:
                 path.unlink()
     for partial in folder.glob("*.tmp"):
         partial.unlink()
@@ -227,5 +261,6 @@ def _restore(runtime: NodeRuntime, generation: int, message_id: str) -> None:
 
 def _drop_other_runs(run_id: int) -> None:
     """A new run frees the models that earlier runs left in this process."""
-    for key in [k for k in _WARM if k[0] != run_id]:
-        del _WARM[key]
+    for cache in (_WARM, _CONFIGS):
+        for key in [k for k in cache if k[0] != run_id]:
+            del cache[key]

@@ -1,13 +1,14 @@
-"""Real Flower processes on 127.0.0.1: one flower-superlink, flower-supernodes, and the flwr CLI.
+"""A local federation of real Flower processes on 127.0.0.1 (tests and benchmarks): one
+flower-superlink, SuperNodes, and the flwr CLI, each process logging to its own file.
 
-Flower 1.41 serves Fleet, Control and ServerAppIo on one HTTP port per SuperLink. With `tls`
-(a folder holding ca.crt, server.pem, server.key) everything runs over HTTPS; with
-`supernode_auth` the SuperLink only admits SuperNodes whose public key was registered. The
-SuperLink keeps its state in memory (Flower's default) unless given a `database` file, where it
-writes every message's blocks to SQLite (slow for large blocks: bench/RESULTS.md).
-With `simulation` the SuperLink runs the simulation engine (no SuperNodes to start).
-SuperNodes run `supernode_program` (+ `supernode_args`): `deca-flower-supernode` (no fixed 3 s
-polling naps; the ClientApp runs in its warm task runner) or Flower's own `flower-supernode`.
+Flower serves Fleet, Control and ServerAppIo on one HTTP port per SuperLink. With `tls` (a folder
+holding ca.crt, server.pem, server.key) everything runs over HTTPS; with `supernode_auth` the
+SuperLink only admits SuperNodes whose public key was registered. The SuperLink keeps its state in
+memory (Flower's default) unless given a `database` file, where it writes every message's blocks
+to SQLite (slow for large blocks). With `simulation` the SuperLink runs the simulation engine (no
+SuperNodes to start). SuperNodes run `supernode_program` (+ `supernode_args`):
+`deca-flower-supernode` (capped polls, the ClientApp warm in the SuperNode) or Flower's own
+`flower-supernode` (a `flwr-clientapp` process per message).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the environment's console scripts: flwr, flower-superlink, ...
 
 
 def free_ports(n: int) -> list[int]:
@@ -34,6 +34,16 @@ def free_ports(n: int) -> list[int]:
 
 
 class Loopback:
+    """Start with start_superlink() and start_supernode(), run apps with flwr(), end with stop().
+
+    Parameters
+    ----------
+    tmp_path : Path
+        A folder of its own: logs/, and flwr/ as FLWR_HOME (its config.toml names this SuperLink "loopback").
+    tls, supernode_auth, supernode_program, supernode_args, database, simulation
+        As described in the module docstring.
+    """
+
     def __init__(self, tmp_path: Path, *, tls: Path | None = None, supernode_auth: bool = False,
                  supernode_program: str = "deca-flower-supernode", supernode_args: tuple[str, ...] = (),
                  database: Path | None = None, simulation: bool = False) -> None:

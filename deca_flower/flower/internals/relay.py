@@ -1,22 +1,18 @@
-"""Relay blocks without moving them through the ServerApp: in deployment a block goes node ->
-SuperLink -> neighbour; the ServerApp handles only its object ids.
+"""Relay by id (ServerApp, deployment): a block goes node -> SuperLink -> neighbour; the ServerApp
+handles only its object ids. Flower's HttpGrid only; other grids pass messages in memory.
 
-Two parts, both only for Flower's HttpGrid (deployment); other grids (simulation, in-process
-tests) pass messages in memory and are left as they are:
-
-- Held confirmations. The grid confirms every reply as soon as it has pulled it, and the
-  SuperLink then deletes the reply's objects. The ServerApp relays each half-step block to the
-  node's neighbours in its next push, so without holding the confirmations until after that
-  push the same block would be uploaded back to the SuperLink right after it was deleted there.
-  Held, the SuperLink finds the block in its object store (same content, same object id) and
-  Flower's push skips it.
+- Held confirmations. The grid confirms every reply as soon as it has pulled it, and the SuperLink
+  then deletes the reply's objects. The ServerApp relays each half-step block to the node's
+  neighbours in its next push, so without holding the confirmations until after that push the
+  same block would be uploaded back to the SuperLink right after it was deleted there. Held, the
+  SuperLink still has the block (same content, same object id) and Flower's push skips it.
 - Replies pulled without their array chunks. Flower's pull downloads every object of a reply
   (81 MiB for a SmolLM2 block of 6 layers) and joins the chunks, only for the ServerApp to push
-  the same objects back by id. `pull_replies` fetches the small objects (message, records,
-  array headers) and gives each Array as a `RelayedArray`: its chunks stay on the SuperLink and
-  its `data` is fetched on first read (the coordinator reads blocks once per visit, for the
-  consensus-distance metric). A relay push then names the chunks by id; should the SuperLink
-  no longer hold one, the push fails with `RelayError` instead of sending anything else.
+  the same objects back by id. `pull_replies` fetches the small objects (message, records, array
+  headers) and gives each Array as a `RelayedArray`: its chunks stay on the SuperLink and its
+  `data` is fetched on first read (the coordinator reads blocks once per visit, for the consensus
+  distance). A relay push names the chunks by id; should the SuperLink no longer hold one, the
+  push fails with RelayError instead of sending anything else.
 """
 
 from __future__ import annotations
@@ -28,8 +24,8 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.constant import ErrorCode
-from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
+from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
@@ -38,11 +34,8 @@ from flwr.supercore.inflatable.inflatable_object import (
     get_object_type_from_object_content,
 )
 from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
-from flwr.supercore.inflatable.inflatable_utils import (
-    ObjectPullError,
-    inflate_object_from_contents,
-    pull_objects,
-)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, inflate_object_from_contents, pull_objects
+from flwr.superlink.grid import InMemoryGrid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 FetchObjects = Callable[[list[str]], dict[str, bytes]]
@@ -53,6 +46,10 @@ UPLOAD_RETRY_S, UPLOAD_RETRY_CAP_S, UPLOAD_WAIT_S = 0.02, 0.05, 600.0
 
 class RelayError(RuntimeError):
     """A block the ServerApp relays by id is no longer on the SuperLink."""
+
+
+def in_memory(grid: Grid) -> bool:
+    return isinstance(grid, InMemoryGrid)
 
 
 class HeldConfirmations:
@@ -81,63 +78,76 @@ def confirm_after_push(grid: Grid) -> None:
     client = getattr(grid, "_client", None)
     if isinstance(client, HeldConfirmations):
         client.release()
-    elif client is not None and hasattr(client, "ConfirmMessageReceived"):
-        grid._client = HeldConfirmations(client)  # type: ignore[attr-defined]
+    elif isinstance(grid, HttpGrid) and client is not None:
+        grid._client = HeldConfirmations(client)
+
+
+def stop_holding(grid: Grid) -> None:
+    client = getattr(grid, "_client", None)
+    if isinstance(client, HeldConfirmations):
+        client.release()
+        grid._client = client.client
 
 
 class RemoteChunk(InflatableObject):
     """An array chunk left on the SuperLink: known here by its object id only."""
 
     def __init__(self, object_id: str) -> None:
-        self._id = object_id
+        self.remote_id = object_id
 
     @property
     def object_id(self) -> str:
-        return self._id
+        return self.remote_id
 
     def deflate(self) -> bytes:
-        raise RelayError(f"the SuperLink asked for chunk {self._id} of a relayed block, which it no longer "
+        raise RelayError(f"the SuperLink asked for chunk {self.remote_id} of a relayed block, which it no longer "
                          "holds (a reply confirmed before the push that relays it?)")
 
 
 class RelayedArray(Array):
     """An Array whose chunks stay on the SuperLink; `data` is fetched (once) on first read."""
 
-    @classmethod
-    def from_content(cls, object_id: str, content: bytes, fetch: FetchObjects) -> RelayedArray:
+    def __init__(self, object_id: str, content: bytes, fetch: FetchObjects) -> None:
         meta = json.loads(get_object_body(content, Array))
+        super().__init__(dtype=meta["dtype"], shape=tuple(meta["shape"]), stype=meta["stype"], data=b"")
         chunk_ids = get_object_children_ids_from_object_content(content)
-        array = object.__new__(cls)  # Array.__init__ would want the data
-        array.__dict__.update(dtype=meta["dtype"], shape=tuple(meta["shape"]), stype=meta["stype"],
-                              _content=content, _id=object_id, _fetch=fetch,
-                              _chunks=[(chunk_ids[i], RemoteChunk(chunk_ids[i])) for i in meta["arraychunk_ids"]])
-        return array
+        # Array.slice_array and children read the chunks from "_chunks"; they are only named here
+        self.__dict__.update(relayed_id=object_id, relayed_content=content, fetch=fetch, fetched=None,
+                             _chunks=[(chunk_ids[i], RemoteChunk(chunk_ids[i])) for i in meta["arraychunk_ids"]])
 
     @property
     def object_id(self) -> str:
-        return self.__dict__["_id"]
+        return self.__dict__["relayed_id"]
 
     @property
     def is_dirty(self) -> bool:
         return False
 
+    @is_dirty.setter
+    def is_dirty(self, value: bool) -> None:
+        pass  # its content is the SuperLink's
+
     def deflate(self) -> bytes:
-        return self.__dict__["_content"]
+        return self.__dict__["relayed_content"]
 
     @property
     def data(self) -> bytes:  # type: ignore[override]
-        if "_data" not in self.__dict__:
+        if self.__dict__.get("fetched") is None:
             order = [chunk_id for chunk_id, _ in self.__dict__["_chunks"]]
-            contents = self.__dict__["_fetch"](sorted(set(order)))
-            self.__dict__["_data"] = b"".join(get_object_body(contents[i], ArrayChunk) for i in order)
-        return self.__dict__["_data"]
+            contents = self.__dict__["fetch"](sorted(set(order)))
+            self.__dict__["fetched"] = b"".join(get_object_body(contents[i], ArrayChunk) for i in order)
+        return self.__dict__["fetched"]
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        pass  # Array.__init__ sets it; the bytes stay on the SuperLink until read
 
 
 def pull_replies(grid: Grid, message_ids: Iterable[str]) -> list[Message]:
     """The grid's replies to `message_ids`; from an HttpGrid with their arrays left on the SuperLink."""
     if not isinstance(grid, HttpGrid):
         return list(grid.pull_messages(message_ids))
-    client, run_id = grid._runtime_client, grid.run.run_id  # noqa: SLF001 (Flower's client, as its pull uses it)
+    client, run_id = grid._runtime_client, grid.run.run_id
     pull_one = make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node, run_id=run_id)
 
     def fetch(object_ids: list[str]) -> dict[str, bytes]:
@@ -189,7 +199,7 @@ def _pull_without_chunks(tree: Any, fetch: FetchObjects, pull_one: Callable[[str
         for name, array_id in names.items():
             if get_object_type_from_object_content(contents[array_id]) != Array.__qualname__:
                 raise ObjectPullError(array_id, "an ArrayRecord entry is not an Array")
-            built[name] = RelayedArray.from_content(array_id, contents[array_id], fetch)
+            built[name] = RelayedArray(array_id, contents[array_id], fetch)
         if built.object_id != record.object_id:  # Flower's record format changed under us: do not guess
             raise RelayError(f"ArrayRecord {record.object_id} rebuilt without its chunks has id {built.object_id}")
         prebuilt[record.object_id] = built
