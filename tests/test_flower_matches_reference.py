@@ -23,9 +23,7 @@ def flower_run(cfg):
     return summary, run_dir, [runtimes[p] for p in range(cfg.num_nodes)]
 
 
-@pytest.mark.parametrize("bma", ["full", "trivial", "none"])
-def test_flower_blocks_equal_reference(tiny_cfg, bma):
-    cfg = tiny_cfg.replace(bma=bma, rounds=2, block_order="random")  # the irregular 4-node graph of conftest
+def assert_flower_equals_reference(cfg):
     summary, run_dir, flower_nodes = flower_run(cfg)
     reference_nodes = build_nodes(cfg)
     reference = run_reference_job(cfg, runtimes=reference_nodes)
@@ -33,10 +31,23 @@ def test_flower_blocks_equal_reference(tiny_cfg, bma):
         for (name, p_fl), (_, p_ref) in zip(fl.node.model.named_parameters(), ref.node.model.named_parameters()):
             torch.testing.assert_close(p_fl, p_ref, rtol=1e-5, atol=1e-6, msg=name)
     assert summary["final"]["accuracy_mean"] == pytest.approx(reference["final"]["accuracy_mean"])
+    return summary, run_dir, reference
+
+
+@pytest.mark.parametrize("bma", ["full", "trivial", "none"])
+def test_flower_blocks_equal_reference(tiny_cfg, bma):
+    cfg = tiny_cfg.replace(bma=bma, rounds=2, block_order="random")  # the irregular 4-node graph of conftest
+    summary, run_dir, reference = assert_flower_equals_reference(cfg)
     assert summary["inner_steps"] == reference["inner_steps"] == 2 * 3 * cfg.steps_per_block
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["kind"] == "eval" and e["block"] >= 0]
     assert [e["round"] for e in evals] == [0, 1]  # eval-every-blocks=0: at the end of each round
+
+
+@pytest.mark.parametrize(("discrepancy", "strength"), [("raw", 1.0), ("normalized", 1.0), ("gradient", 3.0)])
+def test_flower_blocks_equal_reference_for_each_consensus_signal(tiny_cfg, discrepancy, strength):
+    # 'scaled' is the full-BMA case above; the others divide by lr or use Adam's step count differently
+    assert_flower_equals_reference(tiny_cfg.replace(bma="full", discrepancy=discrepancy, bma_strength=strength))
 
 
 def test_run_folder_contents(tiny_cfg):

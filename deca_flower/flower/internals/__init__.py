@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,17 @@ def replies_in_memory(grid: Grid) -> bool:
 
         return relay.in_memory(grid)
     return False
+
+
+def content_wire_bytes(content: RecordDict) -> int | None:
+    """Bytes Flower uploads in deployment for a message's content: each distinct object in it (the
+    record dict, its records, arrays and array chunks) deflated once, as the SuperLink's object
+    store keeps them. None on an untested Flower (the object layout is not public API)."""
+    if not fast_paths():
+        return None
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def run_supernode(flower_args: list[str], poll_interval_s: float) -> None:
