@@ -1,4 +1,5 @@
-"""Before/after figures for the fast paths in the code (SmolLM2-135M, CPU fp32, batch 4 x 64 text tokens).
+"""Each fast path in the code against the plainer way it replaces (SmolLM2-135M, CPU fp32, batch 4 x 64
+text tokens).
 
     python bench/fast_paths.py
 
@@ -9,17 +10,17 @@
 3. Blocks on the wire: raw bytes in the block's dtype (protocol/packing.py) versus numpy's np.save
    serialisation that Array(ndarray) uses (header per tensor) and an fp32 upcast of bf16.
 4. A block through a node, each inner step: packing it (the payload is the packed buffer itself
-   versus a bytes-subclass copy of it, as until session 6) and checking two neighbour blocks for
+   versus a copy of it into a bytes subclass) and checking two neighbour blocks for
    NaN/Inf (one sum per tensor versus an isfinite mask) (protocol/packing.py, core/gossip.py).
 5. The embedding block (28M parameters, the largest) through a mix, each inner step: float64
    accumulation in a reused slice buffer versus a float64 copy of the whole block, and the BMA
-   fold in place versus new tensors for h, m and v (core/gossip.py, core/optimizer.py, until
-   session 8); the neighbour check with the distance pass doubling as the NaN/Inf check versus a
-   separate sum; the relay's consensus distance over 4 such blocks in slices versus a stacked
-   float64 copy (core/reference.py).
-6. BMA without a theta copy (session 11): fold recomputing theta - half from Adam's moments, in
-   slices, versus step() cloning theta and fold working in that clone (core/optimizer.py, until
-   session 10). Saves a block of fp32 (16 -> 12 bytes per fp32 parameter) for some arithmetic.
+   fold in place versus new tensors for h, m and v (core/gossip.py, core/optimizer.py); the
+   neighbour check with the distance pass doubling as the NaN/Inf check versus a separate sum; the
+   relay's consensus distance over 4 such blocks in slices versus a stacked float64 copy
+   (core/reference.py).
+6. BMA without a theta copy: fold recomputing theta - half from Adam's moments, in slices, versus
+   step() cloning theta and fold working in that clone (core/optimizer.py). Saves a block of fp32
+   (16 -> 12 bytes per fp32 parameter) for some arithmetic.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main() -> None:
     bf16 = record_bytes(block_to_record({n: t.to(torch.bfloat16) for n, t in tensors.items()}))
     print(f"block bytes: raw {raw:,}; np.save {npy:,} (+{npy - raw} header bytes); bf16 raw {bf16:,} vs fp32 upcast {raw:,}")
 
-    class BytesPayload(bytes):  # session 5's payload: a bytes subclass (so pickling could move it out of band)
+    class BytesPayload(bytes):  # the alternative: a bytes subclass (its own pickling could move it out of band)
         pass
 
     as_view = best_of(lambda: block_to_record(tensors))
@@ -101,7 +102,7 @@ def main() -> None:
 
 
 def embedding_block(runtime) -> None:
-    """Item 5, with the code of session 8 written out as the 'before'."""
+    """Item 5, each plainer way written out beside the code's."""
     embed = next(b for b in runtime.blocks if "embed" in b.name)
     own = [dict(runtime.node.model.named_parameters())[n].detach().clone() for n in embed.param_names]
     numel = sum(t.numel() for t in own)

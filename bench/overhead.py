@@ -38,7 +38,7 @@ from deca_flower.reference_run import run_reference_job
 ROOT = Path(__file__).resolve().parent.parent
 # the main job's nodes, graph and blocks (embeddings + 15 x 2 layers), fewer steps
 DEFAULT = "steps-per-block=2 eval-initial=false eval-samples=8 eval-every-blocks=0"
-# what sessions 2-6 measured: 6-layer blocks of 81 MiB, three times the default's
+# 6-layer blocks of 81 MiB, three times the default's: how the overhead grows with the bytes moved
 LARGE_BLOCKS = ("embeddings='frozen' layers-per-block=6 steps-per-block=2 eval-initial=false eval-samples=8 "
                 "eval-every-blocks=0")
 

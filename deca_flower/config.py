@@ -44,7 +44,7 @@ class DecaConfig:
     num_nodes: int = 4
     """Number of clients (SuperNodes) taking part."""
     topology: str = "erdos_renyi"
-    """Communication graph."""
+    """Communication graph between the nodes; the mixing weights W are Metropolis-Hastings over it."""
     edge_prob: float = 0.5
     """Edge probability of the Erdos-Renyi graph (re-drawn until connected)."""
     partitioner: str = "dirichlet"
@@ -68,9 +68,9 @@ class DecaConfig:
     lr: float = 1e-4
     """Adam learning rate."""
     beta1: float = 0.9
-    """Adam a1."""
+    """Adam's first-moment decay (a1 in docs/algorithm.md)."""
     beta2: float = 0.999
-    """Adam a2."""
+    """Adam's second-moment decay (a2 in docs/algorithm.md)."""
     eps: float = 1e-8
     """Adam epsilon."""
     bma: str = "full"

@@ -25,6 +25,11 @@ EMBEDDING_MODES = ("block", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
 STATE_SYNC = ("block", "step")
 TASKS = ("classify", "instruct")
+# the choice fields and their allowed values (validated below, listed in docs/configuration.md)
+CHOICES = {"method": METHODS, "topology": TOPOLOGIES, "partitioner": PARTITIONERS, "bma": BMA_MODES,
+           "discrepancy": DISCREPANCIES, "block_order": BLOCK_ORDERS, "embeddings": EMBEDDING_MODES, "device": DEVICES,
+           "state_sync": STATE_SYNC, "task": TASKS, "on_bad_block": ("stop", "exclude"),
+           "on_disconnect": ("stop", "components")}
 HEADLINE = {"classify": ("accuracy", "macro_f1"), "instruct": ("response_loss", "perplexity")}  # per task
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's legacy and torch's generators both take this range
@@ -74,18 +79,8 @@ def problems(cfg: Any) -> list[str]:
             bound = ">= 0" if allow_zero else "> 0"
             refuse(name, f"{name.replace('_', '-')} must be {bound}, got {value}")
 
-    choice("method", METHODS)
-    choice("topology", TOPOLOGIES)
-    choice("partitioner", PARTITIONERS)
-    choice("bma", BMA_MODES)
-    choice("discrepancy", DISCREPANCIES)
-    choice("block_order", BLOCK_ORDERS)
-    choice("embeddings", EMBEDDING_MODES)
-    choice("device", DEVICES)
-    choice("state_sync", STATE_SYNC)
-    choice("task", TASKS)
-    choice("on_bad_block", ("stop", "exclude"))
-    choice("on_disconnect", ("stop", "components"))
+    for name, allowed in CHOICES.items():
+        choice(name, allowed)
     for name in ("rounds", "layers_per_block", "steps_per_block", "batch_size",
                  "max_text_tokens", "eval_batch_size", "alpha", "eps", "node_wait_s", "lora_rank", "lora_alpha",
                  "reply_timeout_s", "shards_per_node", "max_response_tokens"):

@@ -1,5 +1,5 @@
-"""bench/gpu_memory_and_steps.py runs where no GPU is (a tiny config on the CPU), so it cannot rot
-between the sessions that have a GPU; its memory figures are exact on fp32."""
+"""bench/gpu_memory_and_steps.py runs where no GPU is (a tiny config on the CPU), so the script is
+tested on every CI run, not only on a machine with a GPU; its memory figures are exact on fp32."""
 
 import json
 import runpy
