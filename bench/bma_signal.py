@@ -27,7 +27,8 @@ from deca_flower.cli import parse_overrides
 from deca_flower.config import DecaConfig
 from deca_flower.core.reference import consensus_distance, fast_mixed
 from deca_flower.core.topology import build_graph, metropolis_hastings
-from deca_flower.reference_run import build_nodes, code_version
+from deca_flower.reference_run import build_nodes
+from deca_flower.results import code_version
 
 DEFAULT_VARIANTS = "none,scaled,raw,normalized,gradient:1,gradient:10,gradient:100,gradient:1000"
 COLUMNS = ("step", "rms g", "rms h", "h/g", "g/m'", "dm/m", "dv/v", "cos(u,-g)", "consensus")

@@ -11,7 +11,6 @@ node 0, since every node starts from the same weights.
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,6 @@ log = logging.getLogger(__name__)
 
 def build_nodes(cfg: DecaConfig) -> list[NodeRuntime]:
     return [build_runtime(cfg, pid) for pid in range(cfg.num_nodes)]
-
-
-def code_version() -> str:
-    """The git commit of the code that ran ("+changes" if the tree had uncommitted edits), or "unknown"."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "deca_flower"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
 
 
 def evaluation(cfg: DecaConfig, per_node: list[dict[str, float]], visit: Visit | None, step: int,
@@ -111,7 +97,7 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
     final = evaluations[-1]
     last_visit = progress["losses"][-steps:]
     summary = {
-        "engine": "reference-fast" if fast else "reference", "code": code_version(),
+        "engine": "reference-fast" if fast else "reference",
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_nodes": cfg.num_nodes,
         "topology": cfg.topology, "edges": sorted(map(list, graph.edges())), "spectral_gap": spectral_gap(weights),
         "num_blocks": num_blocks, "inner_steps": progress["step"], "task": cfg.task, "headline": list(cfg.headline),

@@ -108,7 +108,7 @@ def run_figures(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "score": final[f"{key}_mean"], "second": final[f"{second}_mean"], "worst": min(final[f"{key}_per_node"]),
         "spread": final[f"{key}_std"], "loss": visits[-1]["loss_mean"] if visits else math.nan,
         "consensus": summary.get("final_consensus_distance", math.nan), "wall": summary["wall_time_s"],
-        "code": summary.get("code", "unknown"),
+        "code": summary.get("code", "unknown"), "machine": summary.get("machine", "not recorded"),
         "curve": [(e["step"], e[f"{key}_mean"], min(e[f"{key}_per_node"])) for e in evals],
     }
 
@@ -151,9 +151,11 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
     baseline = spec.get("baseline")
     codes = sorted({f["code"] for f in figures.values()})
     engines = sorted({summaries[r.key].get("engine", "flwr") for r in runs})
+    machines = sorted({f["machine"] for f in figures.values()})
     text = [f"# {name}", "", f"Regenerate (finished runs are skipped): `deca-flower compare {spec['_path']}`", "",
             f"Engine: {', '.join(engines)}. Code: {', '.join(codes)}"
-            + (" (rows come from different commits)" if len(codes) > 1 else " (every row from this commit)") + ".", ""]
+            + (" (rows come from different commits)" if len(codes) > 1 else " (every row from this commit)")
+            + f". Machine: {'; '.join(machines)}.", ""]
     for setting in dict.fromkeys(r.setting for r in runs):
         in_setting = [r for r in runs if r.setting == setting]
         by_label: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,24 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"  # the coordinator's record of the last block visit every node saved
 SUMMARY = "summary.json"
+
+
+def code_version() -> str:
+    """The git commit of the code that ran ("+changes" if the tree had uncommitted edits), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "deca_flower"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def machine() -> str:
+    """The host that wrote a result, e.g. "x86_64, 2 CPUs, Linux 6.1"."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
 
 
 class RunFolderError(ValueError):
@@ -108,7 +129,9 @@ class RunWriter:
             self.evaluations.append(record)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, with the code and the machine that produced it."""
         self.start()
+        summary = {"code": code_version(), "machine": machine(), **summary}
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
 
     def write_samples(self, per_node: dict[int, list[tuple[str, str]]]) -> Path:

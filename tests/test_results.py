@@ -1,6 +1,7 @@
 """A run's folder: nothing an earlier run left is lost to a fresh start, a failed start or a resume."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_a_fresh_run_under_a_used_name_sets_the_earlier_run_aside_when_it_starts
     assert (run_dir / "metrics.jsonl").read_text() == ""
     assert not (run_dir / "checkpoint.json").exists() and not (run_dir / "summary.json").exists()
     previous = run_dir / "previous"
-    assert json.loads((previous / "summary.json").read_text()) == {"accuracy": 0.8}
+    assert json.loads((previous / "summary.json").read_text())["accuracy"] == 0.8
     assert json.loads((previous / "checkpoint.json").read_text()) == {"visit": 7}
     assert len((previous / "metrics.jsonl").read_text().splitlines()) == 1
     assert (run_dir / "nodes").is_dir()
@@ -85,3 +86,11 @@ def test_fedavg_sends_bf16_weights_as_fp32():
     state = record.to_torch_state_dict()
     assert {t.dtype for t in state.values()} == {torch.float32}
     assert torch.equal(state["weight"], model.weight.detach().float())
+
+
+def test_a_summary_names_the_code_and_the_machine_that_made_it(tmp_path):
+    writer = RunWriter(tmp_path / "run")
+    writer.write_summary({"accuracy": 0.8})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy"] == 0.8
+    assert summary["code"] != "" and f"{os.cpu_count()} CPUs" in summary["machine"]
