@@ -27,30 +27,18 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from deca_flower.config import DecaConfig
+from deca_flower.report import PlannedRun, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("flwr", "reference-fast")
 RUN_KEYS = {"label", "seeds", "settings", "engine"}  # keys of a run that are not run-config
 PLACEMENT = {"results-dir", "run-name", "state-dir", "overwrite"}  # where a run writes: not what it computes
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One run of an experiment: a variant (label) in a setting, for one seed."""
-
-    key: str  # its folder under <experiment>/runs/ and its key in results.json
-    label: str
-    setting: str
-    seed: int | None
-    engine: str
-    values: dict[str, Any]  # the run-config, placement included
 
 
 def run_config_string(values: dict[str, Any]) -> str:
@@ -151,8 +139,6 @@ def run_one(spec: dict[str, Any], run: PlannedRun, out_dir: Path) -> dict[str, A
 
 
 def compare(path: str, only: list[str] | None = None, plots_only: bool = False, rerun: bool = False) -> Path:
-    from deca_flower.report import write_report
-
     spec = load_experiment(Path(path))
     out_dir = ROOT / "results" / Path(path).stem
     out_dir.mkdir(parents=True, exist_ok=True)

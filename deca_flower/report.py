@@ -11,17 +11,27 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from scipy import stats
 
 from deca_flower.results import plt
 
-if TYPE_CHECKING:
-    from deca_flower.compare import PlannedRun
-
 MIB = 2**20
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of an experiment: a variant (label) in a setting, for one seed."""
+
+    key: str  # its folder under <experiment>/runs/ and its key in results.json
+    label: str
+    setting: str
+    seed: int | None
+    engine: str
+    values: dict[str, Any]  # the run-config, placement included
 
 
 def write_report(spec: dict[str, Any], planned: list[PlannedRun], summaries: dict[str, dict[str, Any]],
