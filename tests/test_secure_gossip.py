@@ -89,6 +89,22 @@ def test_a_relay_that_replays_or_rewinds_a_step_is_refused(secure_cfg, tmp_path)
         coordinator.exchange(block=1, start=False)
 
 
+def test_a_restarted_node_still_refuses_a_replayed_step(secure_cfg, tmp_path):
+    """The replay state lives in the node's context.state, not only in its process: a node whose
+    process restarted (no warm copy) refuses the step it accepted before the restart."""
+    from deca_flower.flower import state
+
+    coordinator, _ = started_coordinator(secure_cfg.replace(state_sync="step"), tmp_path)
+    coordinator.exchange(block=1, start=True)
+    sealed_at_0 = dict(coordinator.progress.halves)
+    coordinator.exchange(block=1, start=False)
+    state._WARM.clear()  # every node process restarts: rebuilt from disk and its context
+    progress = coordinator.progress
+    progress.halves, progress.step = sealed_at_0, 1
+    with pytest.raises(CoordinationError, match=r"is for step 0, but step 0 was already accepted"):
+        coordinator.exchange(block=1, start=False)
+
+
 @pytest.fixture
 def keys(tmp_path):
     return write_demo_identities(2, tmp_path / "pair-keys")

@@ -26,7 +26,7 @@ from deca_flower.secure import PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
-SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key (stays on the node)
+SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key and replay state (stays on the node)
 
 
 class NodeSetupError(ValueError):
@@ -50,15 +50,21 @@ def _refused(msg: Message, runtime: NodeRuntime, err: Exception, code: int = pm.
 
 
 def secure_channel(runtime: NodeRuntime, context: Context) -> PairwiseChannel:
-    """The node's pairwise channel; its per-run key is kept in the node's own context.state."""
+    """The node's pairwise channel as this run left it in the node's own context.state (its per-run
+    key and the last step accepted from each neighbour), so a restarted process keeps refusing
+    replayed and rewound steps."""
     if runtime.channel is None:
         cfg, pid = runtime.cfg, runtime.partition_id
         identity = context.node_config.get("identity-key") or Path(cfg.identity_key_dir) / f"node_{pid}.pem"
-        stored = context.state.get(SECURE_STATE)
-        runtime.channel = PairwiseChannel.from_files(context.run_id, pid, Path(str(identity)), Path(cfg.trusted_keys),
-                                                     bytes.fromhex(stored["x25519"]) if stored else None)
-        context.state[SECURE_STATE] = ConfigRecord({"x25519": runtime.channel.ephemeral_bytes.hex()})
+        saved = context.state.get(SECURE_STATE)
+        runtime.channel = PairwiseChannel.from_saved(context.run_id, pid, Path(str(identity)), Path(cfg.trusted_keys),
+                                                     dict(saved) if saved else None)
+        _keep_channel_state(runtime.channel, context)
     return runtime.channel
+
+
+def _keep_channel_state(channel: PairwiseChannel, context: Context) -> None:
+    context.state[SECURE_STATE] = ConfigRecord(channel.saved_state())
 
 
 def _neighbour_keys(ask: pm.TrainStep, channel: PairwiseChannel) -> list[int]:
@@ -92,20 +98,24 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             _neighbour_keys(ask, secure_channel(runtime, context))
         except SecurityError as err:
             return _refused(msg, runtime, err)
-    for pid, record in sorted(ask.halves.items()):
-        sender = f"node {pid}"
-        try:
-            block = _decode(ask, runtime, pid, record, own)
-            check_block(block, own, sender, cfg.max_block_deviation)
-        except (BlockError, RecordError, SecurityError) as err:
-            log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
-            if cfg.on_bad_block == "stop":
-                return _refused(msg, runtime, err)
-            self_weight += ask.weights[pid]  # re-normalise: the excluded share stays with the node
-            excluded.append(f"{sender}: {err}")
-            continue
-        others.append((ask.weights[pid], block))
-        senders.append(sender)
+    try:
+        for pid, record in sorted(ask.halves.items()):
+            sender = f"node {pid}"
+            try:
+                block = _decode(ask, runtime, pid, record, own)
+                check_block(block, own, sender, cfg.max_block_deviation)
+            except (BlockError, RecordError, SecurityError) as err:
+                log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
+                if cfg.on_bad_block == "stop":
+                    return _refused(msg, runtime, err)
+                self_weight += ask.weights[pid]  # re-normalise: the excluded share stays with the node
+                excluded.append(f"{sender}: {err}")
+                continue
+            others.append((ask.weights[pid], block))
+            senders.append(sender)
+    finally:
+        if cfg.secure_gossip:  # the steps accepted, kept even when the node refuses the message
+            _keep_channel_state(runtime.channel, context)
     try:
         node.apply_mix(self_weight, others, senders, validated=True)
     except (BlockError, ValueError) as err:
