@@ -39,8 +39,9 @@ def warm_runtime(coordinator, grid, pid):
 
 
 def train_message(coordinator, pid, neighbour_blocks):
-    ask = pm.TrainStep(step=1, block=1, self_weight=1.0 - 0.5 * len(neighbour_blocks),
-                       weights={j: 0.5 for j in neighbour_blocks},
+    weights = coordinator.membership.weights  # the graph's W: the node checks it before the blocks
+    ask = pm.TrainStep(step=1, block=1, self_weight=float(weights[pid, pid]),
+                       weights={j: float(weights[pid, j]) for j in neighbour_blocks},
                        halves={j: block_to_record(block) for j, block in neighbour_blocks.items()})
     return pm.request(coordinator.membership.node_of[pid], ask)
 
@@ -119,10 +120,10 @@ def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg,
     assert not reply.has_error()
     result = pm.StepResult.from_content(reply.content)
     assert len(result.excluded) == 1 and result.excluded[0].startswith("node 2: ") and "NaN or Inf" in result.excluded[0]
-    # self weight 0 + the excluded 0.5 -> mixed = 0.5 * own + 0.5 * (own + 1); then one Adam step (lr 1e-3)
+    # self weight 1/3 + the excluded 1/3 -> mixed = 2/3 * own + 1/3 * (own + 1); then one Adam step (lr 1e-3)
     mixed_then_stepped = runtime.node.block_values()
     for name, value in own.items():
-        torch.testing.assert_close(mixed_then_stepped[name], value + 0.5, atol=2e-3, rtol=0)
+        torch.testing.assert_close(mixed_then_stepped[name], value + 1 / 3, atol=2e-3, rtol=0)
 
 
 def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
@@ -130,7 +131,7 @@ def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
     coordinator.exchange(block=1, start=True)
     own = warm_runtime(coordinator, grid, 0).node.block_values()
     far = {k: v * 100.0 for k, v in own.items()}
-    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far})])
+    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far, 2: dict(own)})])
     assert reply.has_error() and "max-block-deviation" in reply.error.reason
 
 

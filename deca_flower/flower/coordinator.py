@@ -138,6 +138,7 @@ class Coordinator:
                 ask.signatures = {j: membership.public_keys[j][1] for j in nbrs}
             if progress.halves:
                 ask.self_weight, ask.weights = float(weights[pid, pid]), nbrs
+                ask.dropped = sorted(membership.dropped)  # each node checks W against the graph less these
                 ask.halves = {j: progress.halves[j].sealed[pid] if self.secure_gossip else progress.halves[j].half
                               for j in nbrs}
             requests[pid] = ask

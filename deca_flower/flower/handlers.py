@@ -9,14 +9,18 @@ block. Nothing is ever averaged anywhere but on the node itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
+import networkx as nx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from deca_flower.core.gossip import BlockError, check_block
+from deca_flower.config import DecaConfig
+from deca_flower.core.gossip import BlockError, MixingWeightsError, check_block, check_mixing_weights
+from deca_flower.core.topology import build_graph
 from deca_flower.flower import state
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import RecordError
@@ -82,6 +86,18 @@ def _decode(ask: pm.TrainStep, runtime: NodeRuntime, sender_pid: int, record: Ar
     return dict(zip(names, opened))
 
 
+@functools.cache
+def _announced_graph(topology: str, num_nodes: int, seed: int, edge_prob: float) -> nx.Graph:
+    return build_graph(topology, num_nodes, seed=seed, edge_prob=edge_prob)
+
+
+def known_graph(cfg: DecaConfig, dropped: list[int]) -> nx.Graph:
+    """The graph the node knows: the run config's (the same on every node, fixed for the run) less
+    the partitions the coordinator says are out of the run."""
+    graph = _announced_graph(cfg.topology, cfg.num_nodes, cfg.seed, cfg.edge_prob)
+    return graph.subgraph(set(graph) - set(dropped))
+
+
 def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Mix the neighbours' half-step blocks into the active block, fold BMA, then go on."""
     if msg.metadata.message_type != pm.TrainStep.MESSAGE_TYPE:
@@ -92,6 +108,11 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     runtime = runtime_of(msg, context)
     cfg, node = runtime.cfg, runtime.node
     self_weight, others, senders, excluded = ask.self_weight, [], [], []
+    try:  # the relay's W: never trusted to be the graph's (an inflated weight amplifies any difference)
+        check_mixing_weights(runtime.partition_id, self_weight, ask.weights, known_graph(cfg, ask.dropped))
+    except MixingWeightsError as err:
+        log.error("node %d refused the relay's mixing weights: %s", runtime.partition_id, err)
+        return _refused(msg, runtime, f"refused the mixing weights the relay sent: {err}", pm.BAD_RELAY_DATA)
     own = node.block_values()
     if cfg.secure_gossip:
         try:

@@ -107,7 +107,7 @@ class Membership:
             if reply is None:
                 problems[pid] = f"no reply within reply-timeout-s={self.transport.reply_timeout_s}"
             elif reply.has_error():
-                if not dropouts or reply.error.code == pm.BAD_NEIGHBOUR_BLOCK:  # bad data: never ignored
+                if not dropouts or reply.error.code in pm.REFUSED:  # bad data: never ignored
                     raise CoordinationError(f"node {self.node_of[pid]} failed: {reply.error.reason}")
                 problems[pid] = f"failed: {reply.error.reason}"
             else:
