@@ -21,7 +21,7 @@ def secure_cfg(tiny_cfg, tmp_path):  # the irregular 4-node graph: 0-3, 1-2, 1-3
 
 def test_secure_run_gives_the_same_models(secure_cfg):
     _, _, sealed = flower_run(secure_cfg)
-    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False))
+    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False, run_name="plain"))
     for a, b in zip(sealed, plain):
         for (name, pa), pb in zip(a.node.model.named_parameters(), b.node.model.parameters()):
             assert torch.equal(pa, pb), name
