@@ -173,3 +173,35 @@ def test_a_message_without_what_its_type_needs_is_refused_by_the_node(tiny_cfg, 
     node_id = coordinator.membership.node_of[0]
     [reply] = grid.send_and_receive([Message(RecordDict(), dst_node_id=node_id, message_type="train.step")])
     assert reply.has_error() and "ProtocolError: message lacks its ConfigRecord 'deca.fields'" in reply.error.reason
+
+
+@pytest.mark.parametrize("on_bad_block", ["stop", "exclude"])
+def test_a_hostile_manifest_blames_its_sender_and_never_crashes_the_receivers(tiny_cfg, tmp_path, on_bad_block):
+    """A half whose description would raise inside the decoder (nested too deep, a shape of 10^30 x 0)
+    or that is not a packed block at all: each receiver applies on-bad-block naming node 2, and
+    no receiver is dropped as if it had crashed."""
+    import struct
+
+    from flwr.app import Array, ArrayRecord
+
+    from deca_flower.protocol.packing import PACKED
+
+    def packed(manifest: bytes) -> ArrayRecord:
+        data = struct.pack("<Q", len(manifest)) + manifest + b"\x00" * (-(8 + len(manifest)) % 8)
+        return ArrayRecord({"block": Array(dtype="uint8", shape=(len(data),), stype=PACKED, data=data)})
+
+    cfg = tiny_cfg.replace(num_nodes=3, topology="complete", on_bad_block=on_bad_block)
+    hostile = {"nested": packed(b"[" * 100_000), "huge": packed(b'[["w", "float32", [1000000000000000000000000000000, 0]]]'),
+               "empty": ArrayRecord()}
+    for name, record in hostile.items():
+        coordinator, _ = started_coordinator(cfg.replace(run_name=name), tmp_path)
+        coordinator.membership.graph = build_graph("complete", 3)  # failures now drop nodes, unless refused as bad data
+        coordinator.exchange(block=1, start=True)
+        coordinator.progress.halves[2].half = record
+        if on_bad_block == "stop":
+            with pytest.raises(CoordinationError, match=r"node 10[01] failed: node [01]: block from node 2: "):
+                coordinator.exchange(block=1, start=False)
+        else:
+            results = coordinator.exchange(block=1, start=False)
+            assert all(r.excluded[0].startswith("node 2: block from node 2:") for pid, r in results.items() if pid != 2)
+        assert coordinator.membership.dropped == {}, name

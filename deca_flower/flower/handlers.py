@@ -30,6 +30,7 @@ from deca_flower.secure import PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
+SEALED_KEY = "ct"  # the one array of a sealed half
 SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key and replay state (stays on the node)
 
 
@@ -80,8 +81,11 @@ def _neighbour_keys(ask: pm.TrainStep, channel: PairwiseChannel) -> list[int]:
 def _decode(ask: pm.TrainStep, runtime: NodeRuntime, sender_pid: int, record: ArrayRecord, own: dict) -> dict:
     if not runtime.cfg.secure_gossip:
         return record_to_block(record, f"node {sender_pid}")
+    if list(record) != [SEALED_KEY]:
+        raise RecordError(f"block from node {sender_pid}: expected one '{SEALED_KEY}' array (secure-gossip), "
+                          f"got {list(record)[:3]}")
     names = list(own)  # halves were sealed at the previous step
-    opened = runtime.channel.open(sender_pid, ask.step - 1, runtime.node.active_index, record["ct"].data,
+    opened = runtime.channel.open(sender_pid, ask.step - 1, runtime.node.active_index, record[SEALED_KEY].data,
                                   [own[n] for n in names])
     return dict(zip(names, opened))
 
@@ -241,7 +245,7 @@ def handle_step(msg: Message, context: Context) -> Message:
                 return _refused(msg, runtime, err)
             for pid in receivers:
                 sealed = channel.seal(pid, ask.step, ask.block, list(half.values()))
-                result.sealed[pid] = ArrayRecord({"ct": Array(dtype="uint8", shape=(len(sealed),), stype="sealed",
+                result.sealed[pid] = ArrayRecord({SEALED_KEY: Array(dtype="uint8", shape=(len(sealed),), stype="sealed",
                                                               data=sealed)})
         else:
             result.half = block_to_record(half)
