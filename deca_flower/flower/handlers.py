@@ -24,9 +24,9 @@ from deca_flower.core.topology import build_graph
 from deca_flower.flower import state
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import RecordError
-from deca_flower.protocol.tensors import block_to_record, record_to_block
+from deca_flower.protocol.tensors import block_to_record, record_to_block, wire_bytes
 from deca_flower.runtime import NodeRuntime
-from deca_flower.secure import PairwiseChannel, SecurityError
+from deca_flower.secure import SEAL_OVERHEAD, PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,15 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     return call_next(msg, context)
 
 
+def _half_bytes(runtime: NodeRuntime) -> list[int]:
+    """Per block, the bytes of one half this node sends: what the relay lets through (and nothing larger)."""
+    node = runtime.node
+    if runtime.cfg.secure_gossip:
+        return [sum(t.numel() * t.element_size() for t in node.stored_block(b.index).values()) + SEAL_OVERHEAD
+                for b in node.blocks]
+    return [wire_bytes(node.stored_block(b.index)) for b in node.blocks]
+
+
 def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.NodeInfo:
     channel = secure_channel(runtime, context) if runtime.cfg.secure_gossip else None
     return pm.NodeInfo(
@@ -156,7 +165,8 @@ def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.Nod
         label_counts=runtime.label_counts, label_names=runtime.label_names, own_data=bool(runtime.data_path),
         num_blocks=len(runtime.blocks), block_names=[b.name for b in runtime.blocks],
         steps_per_visit=runtime.steps_per_visit, setup_s=time.time() - started,
-        public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None)
+        public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None,
+        half_bytes=_half_bytes(runtime))
 
 
 def handle_setup(msg: Message, context: Context) -> Message:

@@ -75,6 +75,12 @@ def _layout(manifest_bytes: int, entries: list) -> tuple[list[int], list[int], i
     return offsets, sizes, end
 
 
+def packed_size(tensors: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """Bytes of the Array `pack` makes of tensors (name, wire dtype, shape), without making it."""
+    entries = [[name, dtype, list(shape)] for name, dtype, shape in tensors]
+    return _layout(len(json.dumps(entries).encode()), entries)[2]
+
+
 def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]]) -> ArrayRecord:
     """(name, wire dtype, shape, raw bytes as a flat uint8 array) per tensor -> one packed Array."""
     entries = [[name, dtype, list(shape)] for name, dtype, shape, _ in tensors]
