@@ -22,9 +22,11 @@ from deca_flower.config import DecaConfig
 from deca_flower.core.gossip import BlockError, MixingWeightsError, check_block, check_mixing_weights
 from deca_flower.core.topology import build_graph
 from deca_flower.flower import state
+from deca_flower.flower.site_policy import SitePolicy, SitePolicyError
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import RecordError
 from deca_flower.protocol.tensors import block_to_record, record_to_block, wire_bytes
+from deca_flower.results import write_samples
 from deca_flower.runtime import NodeRuntime
 from deca_flower.secure import SEAL_OVERHEAD, PairwiseChannel, SecurityError
 
@@ -160,20 +162,36 @@ def _half_bytes(runtime: NodeRuntime) -> list[int]:
 
 def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.NodeInfo:
     channel = secure_channel(runtime, context) if runtime.cfg.secure_gossip else None
+    shares_counts = SitePolicy.from_node_config(context.node_config).share_label_counts
     return pm.NodeInfo(
         partition_id=runtime.partition_id, device=str(runtime.device), train_examples=len(runtime.train),
-        label_counts=runtime.label_counts, label_names=runtime.label_names, own_data=bool(runtime.data_path),
+        label_counts=runtime.label_counts if shares_counts else [], label_names=runtime.label_names,
+        own_data=bool(runtime.data_path),
         num_blocks=len(runtime.blocks), block_names=[b.name for b in runtime.blocks],
         steps_per_visit=runtime.steps_per_visit, setup_s=time.time() - started,
         public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None,
         half_bytes=_half_bytes(runtime))
 
 
+def _configure(context: Context, run_config: dict) -> Error | None:
+    """Take part with this run config, or say why the site's own node-config refuses it."""
+    try:
+        site = SitePolicy.from_node_config(context.node_config)
+        state.configure(context, site.run_config_for_site(run_config, partition_id_of(context)))
+    except SitePolicyError as err:
+        log.error("%s", err)
+        return Error(pm.BAD_RELAY_DATA, str(err))
+    return None
+
+
 def handle_setup(msg: Message, context: Context) -> Message:
-    """Validate the run config, load model and data now (so the first step is not slowed), say who we are."""
+    """Check the run config against the site's policy and validate it, load model and data now (so the
+    first step is not slowed), say who we are."""
     started = time.time()
     ask = pm.Setup.from_content(msg.content)
-    state.configure(context, ask.config)
+    refused = _configure(context, ask.config)
+    if refused:
+        return Message(refused, reply_to=msg)
     runtime = runtime_of(msg, context)
     if ask.fresh:
         state.forget_checkpoints(runtime)
@@ -182,7 +200,9 @@ def handle_setup(msg: Message, context: Context) -> Message:
 
 def handle_rejoin_probe(msg: Message, context: Context) -> Message:
     started = time.time()
-    state.configure(context, pm.RejoinProbe.from_content(msg.content).config)
+    refused = _configure(context, pm.RejoinProbe.from_content(msg.content).config)
+    if refused:
+        return Message(refused, reply_to=msg)
     return pm.reply(msg, _node_info(runtime_of(msg, context), context, started))
 
 
@@ -271,4 +291,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     metrics = runtime.evaluate()
     metrics["eval-s"] = time.time() - started
     samples = runtime.samples() if ask.samples else []
+    if samples and not SitePolicy.from_node_config(context.node_config).share_samples:
+        kept = write_samples(state.node_dir(runtime.cfg, runtime.partition_id) / "samples.md", {runtime.partition_id: samples})
+        log.info("node %d kept its generated samples in %s (node-config share-samples)", runtime.partition_id, kept)
+        samples = []
     return pm.reply(msg, pm.Evaluation(metrics, [p for p, _ in samples], [a for _, a in samples]))
