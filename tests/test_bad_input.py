@@ -205,3 +205,11 @@ def test_a_hostile_manifest_blames_its_sender_and_never_crashes_the_receivers(ti
             results = coordinator.exchange(block=1, start=False)
             assert all(r.excluded[0].startswith("node 2: block from node 2:") for pid, r in results.items() if pid != 2)
         assert coordinator.membership.dropped == {}, name
+
+
+def test_more_supernodes_than_num_nodes_is_refused_naming_the_counts(tiny_cfg):
+    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=3, topology="complete"))
+    grid = InProcessGrid(client_app, 4)
+    with pytest.raises(CoordinationError, match="4 SuperNodes are connected but num-nodes=3"):
+        run_deca(grid, cfg, run_dir)
+    assert grid.sent == 0  # not "whichever 3 sort first"

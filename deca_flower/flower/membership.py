@@ -58,13 +58,17 @@ class Membership:
     # -- joining ------------------------------------------------------------------------------
 
     def wait_for_nodes(self, needed: int | None = None) -> list[int]:
-        """Up to num_nodes connected node ids, once `needed` (default: num_nodes) are there."""
+        """The connected node ids, once `needed` (default: num_nodes) are there. More than num_nodes is
+        refused: which of them would take part is not the coordinator's to guess."""
         needed = needed or self.num_nodes
         deadline = time.time() + self.node_wait_s
         while True:
             node_ids = self.transport.node_ids()
+            if len(node_ids) > self.num_nodes:
+                raise CoordinationError(f"{len(node_ids)} SuperNodes are connected but num-nodes={self.num_nodes}: "
+                                        "stop the extra ones or set num-nodes to match")
             if len(node_ids) >= needed:
-                return node_ids[: self.num_nodes]
+                return node_ids
             if time.time() > deadline:
                 raise CoordinationError(
                     f"only {len(node_ids)} of {needed} SuperNodes (num-nodes={self.num_nodes}) connected within "
