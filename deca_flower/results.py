@@ -84,6 +84,18 @@ def _set_aside_earlier_run(run_dir: Path) -> None:
     log.warning("%s held an earlier run: its %d files are now in %s", run_dir, len(earlier), previous)
 
 
+def write_samples(path: Path, per_node: dict[int, list[tuple[str, str]]]) -> Path:
+    """Generated answers to held-out prompts, per node, as markdown (the run's, or a site's own copy)."""
+    lines = ["# Generated samples (greedy, held-out prompts)", ""]
+    for node, pairs in per_node.items():
+        lines += [f"## node {node}", ""]
+        for prompt, answer in pairs:
+            lines += ["```", f"{prompt} {answer}", "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
@@ -135,16 +147,8 @@ class RunWriter:
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
 
     def write_samples(self, per_node: dict[int, list[tuple[str, str]]]) -> Path:
-        """Generated answers to held-out prompts, per node, as markdown."""
         self.start()
-        lines = ["# Generated samples (greedy, held-out prompts)", ""]
-        for node, pairs in per_node.items():
-            lines += [f"## node {node}", ""]
-            for prompt, answer in pairs:
-                lines += ["```", f"{prompt} {answer}", "```", ""]
-        path = self.run_dir / "samples.md"
-        path.write_text("\n".join(lines))
-        return path
+        return write_samples(self.run_dir / "samples.md", per_node)
 
     def plot_headline(self, keys: tuple[str, str], title: str) -> Path:
         """The task's two held-out metrics (mean +- std over nodes) against the inner step."""

@@ -39,8 +39,9 @@ def warm_runtime(coordinator, grid, pid):
 
 
 def train_message(coordinator, pid, neighbour_blocks):
-    ask = pm.TrainStep(step=1, block=1, self_weight=1.0 - 0.5 * len(neighbour_blocks),
-                       weights={j: 0.5 for j in neighbour_blocks},
+    weights = coordinator.membership.weights  # the graph's W: the node checks it before the blocks
+    ask = pm.TrainStep(step=1, block=1, self_weight=float(weights[pid, pid]),
+                       weights={j: float(weights[pid, j]) for j in neighbour_blocks},
                        halves={j: block_to_record(block) for j, block in neighbour_blocks.items()})
     return pm.request(coordinator.membership.node_of[pid], ask)
 
@@ -119,10 +120,10 @@ def test_exclude_mode_drops_the_bad_neighbour_renormalises_and_goes_on(tiny_cfg,
     assert not reply.has_error()
     result = pm.StepResult.from_content(reply.content)
     assert len(result.excluded) == 1 and result.excluded[0].startswith("node 2: ") and "NaN or Inf" in result.excluded[0]
-    # self weight 0 + the excluded 0.5 -> mixed = 0.5 * own + 0.5 * (own + 1); then one Adam step (lr 1e-3)
+    # self weight 1/3 + the excluded 1/3 -> mixed = 2/3 * own + 1/3 * (own + 1); then one Adam step (lr 1e-3)
     mixed_then_stepped = runtime.node.block_values()
     for name, value in own.items():
-        torch.testing.assert_close(mixed_then_stepped[name], value + 0.5, atol=2e-3, rtol=0)
+        torch.testing.assert_close(mixed_then_stepped[name], value + 1 / 3, atol=2e-3, rtol=0)
 
 
 def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
@@ -130,7 +131,7 @@ def test_absurdly_far_block_is_refused(tiny_cfg, tmp_path):
     coordinator.exchange(block=1, start=True)
     own = warm_runtime(coordinator, grid, 0).node.block_values()
     far = {k: v * 100.0 for k, v in own.items()}
-    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far})])
+    [reply] = grid.send_and_receive([train_message(coordinator, 0, {1: far, 2: dict(own)})])
     assert reply.has_error() and "max-block-deviation" in reply.error.reason
 
 
@@ -172,3 +173,43 @@ def test_a_message_without_what_its_type_needs_is_refused_by_the_node(tiny_cfg, 
     node_id = coordinator.membership.node_of[0]
     [reply] = grid.send_and_receive([Message(RecordDict(), dst_node_id=node_id, message_type="train.step")])
     assert reply.has_error() and "ProtocolError: message lacks its ConfigRecord 'deca.fields'" in reply.error.reason
+
+
+@pytest.mark.parametrize("on_bad_block", ["stop", "exclude"])
+def test_a_hostile_manifest_blames_its_sender_and_never_crashes_the_receivers(tiny_cfg, tmp_path, on_bad_block):
+    """A half whose description would raise inside the decoder (nested too deep, a shape of 10^30 x 0)
+    or that is not a packed block at all: each receiver applies on-bad-block naming node 2, and
+    no receiver is dropped as if it had crashed."""
+    import struct
+
+    from flwr.app import Array, ArrayRecord
+
+    from deca_flower.protocol.packing import PACKED
+
+    def packed(manifest: bytes) -> ArrayRecord:
+        data = struct.pack("<Q", len(manifest)) + manifest + b"\x00" * (-(8 + len(manifest)) % 8)
+        return ArrayRecord({"block": Array(dtype="uint8", shape=(len(data),), stype=PACKED, data=data)})
+
+    cfg = tiny_cfg.replace(num_nodes=3, topology="complete", on_bad_block=on_bad_block)
+    hostile = {"nested": packed(b"[" * 100_000), "huge": packed(b'[["w", "float32", [1000000000000000000000000000000, 0]]]'),
+               "empty": ArrayRecord()}
+    for name, record in hostile.items():
+        coordinator, _ = started_coordinator(cfg.replace(run_name=name), tmp_path)
+        coordinator.membership.graph = build_graph("complete", 3)  # failures now drop nodes, unless refused as bad data
+        coordinator.exchange(block=1, start=True)
+        coordinator.progress.halves[2].half = record
+        if on_bad_block == "stop":
+            with pytest.raises(CoordinationError, match=r"node 10[01] failed: node [01]: block from node 2: "):
+                coordinator.exchange(block=1, start=False)
+        else:
+            results = coordinator.exchange(block=1, start=False)
+            assert all(r.excluded[0].startswith("node 2: block from node 2:") for pid, r in results.items() if pid != 2)
+        assert coordinator.membership.dropped == {}, name
+
+
+def test_more_supernodes_than_num_nodes_is_refused_naming_the_counts(tiny_cfg):
+    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=3, topology="complete"))
+    grid = InProcessGrid(client_app, 4)
+    with pytest.raises(CoordinationError, match="4 SuperNodes are connected but num-nodes=3"):
+        run_deca(grid, cfg, run_dir)
+    assert grid.sent == 0  # not "whichever 3 sort first"

@@ -14,7 +14,7 @@ from deca_flower.flower.coordinator import Coordinator
 from deca_flower.flower.job import connect, coordinator_for, run_deca
 from deca_flower.flower.transport import CoordinationError
 from deca_flower.paths import prepare_run
-from deca_flower.results import RunWriter
+from deca_flower.results import RunFolderError, RunWriter
 from tests.inprocess import InProcessGrid, KilledRun
 
 
@@ -53,7 +53,7 @@ def test_split_graph_stops_or_goes_on_per_component(tiny_cfg):
     cfg = tiny_cfg.replace(num_nodes=5, topology="ring")
     with pytest.raises(CoordinationError, match=r"disconnected \(components \[\[0, 4\], \[2\]\]\)"):
         run_with_faults(cfg, silent={1: 2, 3: 2})
-    summary, _ = run_with_faults(cfg.replace(on_disconnect="components"), silent={1: 2, 3: 2})
+    summary, _ = run_with_faults(cfg.replace(on_disconnect="components", overwrite=True), silent={1: 2, 3: 2})
     assert sorted(summary["dropped_nodes"]) == [1, 3] and len(summary["final"]["accuracy_per_node"]) == 3
 
 
@@ -153,13 +153,44 @@ def test_a_visit_is_recorded_only_after_every_node_saved_it(tiny_cfg, monkeypatc
 
 
 def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_cfg):
-    with pytest.raises(CoordinationError, match="no run in"):
+    grid = InProcessGrid(client_app, 4)
+    with pytest.raises(RunFolderError, match=r"holds no checkpoint.json \(there is no run there\)"):
         cfg, run_dir = prepare_run(tiny_cfg.replace(run_name="never-ran", resume=True))
-        run_deca(InProcessGrid(client_app, 4), cfg, run_dir)
-    run_with_faults(tiny_cfg)
+        run_deca(grid, cfg, run_dir)
+    assert grid.sent == 0 and not run_dir.exists()  # refused before any node was asked anything
+    run_with_faults(tiny_cfg.replace(overwrite=True))
     with pytest.raises(CoordinationError, match=r"differs from the run's saved config: \{'lr'"):
-        cfg, run_dir = prepare_run(tiny_cfg.replace(resume=True, lr=0.5))
+        cfg, run_dir = prepare_run(tiny_cfg.replace(resume=True, lr=0.5))  # (overwrite may differ: not 'lr' only)
         run_deca(InProcessGrid(client_app, 4), cfg, run_dir)
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_restart(tiny_cfg):
+    cfg, run_dir = prepare_run(tiny_cfg)
+    grid = InProcessGrid(client_app, 4)
+    grid.kill_after = 1  # killed in its first step: config.yaml and metrics.jsonl, no checkpoint
+    with pytest.raises(KilledRun):
+        run_deca(grid, cfg, run_dir)
+    before = sorted(p.name for p in run_dir.iterdir())
+    grid = InProcessGrid(client_app, 4, run_id=8)
+    with pytest.raises(RunFolderError, match="stopped before every node had saved a block visit: start it again"):
+        run_deca(grid, *prepare_run(tiny_cfg.replace(resume=True)))
+    assert grid.sent == 0 and sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_fresh_start_never_replaces_an_earlier_run_unless_asked(tiny_cfg):
+    summary, _ = run_with_faults(tiny_cfg)
+    cfg, run_dir = prepare_run(tiny_cfg)
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    grid = InProcessGrid(client_app, 4)
+    with pytest.raises(RunFolderError, match="holds an earlier run .*overwrite=true starts afresh"):
+        run_deca(grid, cfg, run_dir)
+    assert grid.sent == 0 and files == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    # overwrite=true, but the start fails while the nodes set up: still nothing moved
+    with pytest.raises(CoordinationError, match=r"only 2 of 4 SuperNodes"):
+        run_deca(InProcessGrid(client_app, 2), *prepare_run(tiny_cfg.replace(overwrite=True, node_wait_s=0.1)))
+    assert files == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    run_with_faults(tiny_cfg.replace(overwrite=True))
+    assert {p.name: p.read_bytes() for p in (run_dir / "previous").iterdir()} == files
 
 
 def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):

@@ -62,3 +62,29 @@ def test_forged_weights_that_sum_to_one_are_refused():
 def test_malformed_weights_are_refused_naming_what_is_wrong(self_weight, others, message):
     with pytest.raises(MixingWeightsError, match=message):
         check_mixing_weights(0, self_weight, others, nx.cycle_graph(4))
+
+
+# -- on the node: the gossip mod refuses what a hostile relay sends --------------------------
+
+def test_a_relay_that_forges_or_reroutes_weights_is_refused_by_the_node(tiny_cfg, tmp_path):
+    """The irregular graph 0-3, 1-2, 1-3, 2-3: the relay inflates node 0's weight for node 3 (self
+    -1e4, neighbour 1e4 + 1: they sum to 1), then routes node 1's block to node 0 instead."""
+    from deca_flower.flower.transport import CoordinationError
+    from tests.test_bad_input import started_coordinator, warm_runtime
+
+    coordinator, grid = started_coordinator(tiny_cfg, tmp_path)
+    coordinator.exchange(block=1, start=True)
+    before = {k: v.clone() for k, v in warm_runtime(coordinator, grid, 0).node.block_values().items()}
+    honest = coordinator.membership.weights.copy()
+    forged = honest.copy()
+    forged[0, 0], forged[0, 3] = -1e4, 1e4 + 1
+    coordinator.membership.weights = forged
+    with pytest.raises(CoordinationError, match=r"node 0: refused the mixing weights the relay sent: .*negative"):
+        coordinator.exchange(block=1, start=False)
+    rerouted = honest.copy()
+    rerouted[0, 1] = rerouted[0, 3] = honest[0, 3] / 2  # still sums to 1, all non-negative
+    coordinator.membership.weights = rerouted
+    with pytest.raises(CoordinationError, match=r"node 0: .*weights for nodes \[1\] that are not its neighbours"):
+        coordinator.exchange(block=1, start=False)
+    after = warm_runtime(coordinator, grid, 0).node.block_values()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nothing was mixed in

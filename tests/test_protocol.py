@@ -60,7 +60,13 @@ def test_malformed_blocks_are_rejected_naming_the_sender():
         (packed(b'[["w", "float32", [2]]]', b"\x00" * 12), "describes"),  # trailing bytes
         (packed(b'[["w", "int64", [1]]]', b"\x00" * 8), "manifest is not"),             # unknown dtype
         (packed(b'[["w", "float32", [-1]]]', b""), "manifest is not"),                  # negative dimension
-        (packed(b'[["w", "float32", [4294967296, 4294967296]]]', b""), "describes"),  # 2^64 elements: int64 overflows to 0
+        (packed(b'[["w", "float32", [4294967296, 4294967296]]]', b""), "manifest is not"),  # 2^64 elements
+        (packed(b'[["w", "float32", [0, 1000000000000000000000000000000]]]', b""), "manifest is not"),  # 0 elements
+        (packed(b'[["w", "float32", [true]]]', b"\x00" * 8), "manifest is not"),  # a bool is no dimension
+        (packed(b'[["w", "float32", [1, 1, 1, 1, 1, 1, 1, 1, 1]]]', b"\x00" * 8), "at most 8 dimensions"),
+        (packed(b"[" * 200_000 + b"]" * 200_000, b""), "unreadable manifest"),  # nested too deep
+        (packed(b"[" * 100_000, b""), "unreadable manifest"),  # deeper than the parser's recursion
+        (packed(b" " * (1 << 20) + b"[]", b""), r"at most 1048576"),
         (packed(b'not json', b""), "unreadable manifest"),
         (ArrayRecord({"block": Array(dtype="uint8", shape=(3,), stype=PACKED, data=b"\x00" * 3)}), "too short"),
         (ArrayRecord({"block": Array(dtype="uint8", shape=(8,), stype=PACKED, data=struct.pack("<Q", 99))}),

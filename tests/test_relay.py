@@ -227,3 +227,26 @@ def test_a_slow_upload_is_waited_for_by_time_not_by_a_count_of_looks(monkeypatch
     [pulled] = pull_replies(grid, [reply.metadata.reply_to_message_id])
     assert not pulled.has_error()
     assert grid._client.pulled.count(reply.object_id) == 601
+
+
+def test_the_relay_refuses_a_half_of_another_size_than_its_block(tiny_cfg, tmp_path):
+    """Every node reports the size of each block's half at setup; a node that sends more (a hostile
+    node filling its neighbours' memory) is named, and its half reaches no neighbour."""
+    from apps.client_app import app as client_app
+    from deca_flower.flower.transport import CoordinationError
+    from tests.test_bad_input import started_coordinator
+
+    coordinator, grid = started_coordinator(tiny_cfg, tmp_path)
+
+    def oversized(msg, context):
+        reply = client_app(msg, context)
+        if context.node_id == coordinator.membership.node_of[2] and HALF in reply.content:
+            reply.content[HALF] = block_to_record({"w": torch.zeros(100_000)})
+        return reply
+
+    grid.client_app = oversized
+    expected = coordinator.membership.half_bytes[1]
+    refused = f"node 2 sent a half of block 1 of 400040 bytes, expected {expected}: not relayed"
+    with pytest.raises(CoordinationError, match=refused):
+        coordinator.exchange(block=1, start=True)
+    assert coordinator.progress.halves == {}  # nothing of that step is relayed

@@ -21,7 +21,7 @@ def secure_cfg(tiny_cfg, tmp_path):  # the irregular 4-node graph: 0-3, 1-2, 1-3
 
 def test_secure_run_gives_the_same_models(secure_cfg):
     _, _, sealed = flower_run(secure_cfg)
-    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False))
+    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False, run_name="plain"))
     for a, b in zip(sealed, plain):
         for (name, pa), pb in zip(a.node.model.named_parameters(), b.node.model.parameters()):
             assert torch.equal(pa, pb), name
@@ -85,6 +85,22 @@ def test_a_relay_that_replays_or_rewinds_a_step_is_refused(secure_cfg, tmp_path)
     coordinator.exchange(block=1, start=False)  # step 1: the nodes open and mix step 0's blocks
     progress = coordinator.progress
     progress.halves, progress.step = sealed_at_0, 1  # the relay delivers step 0 again, as if it were new
+    with pytest.raises(CoordinationError, match=r"is for step 0, but step 0 was already accepted"):
+        coordinator.exchange(block=1, start=False)
+
+
+def test_a_restarted_node_still_refuses_a_replayed_step(secure_cfg, tmp_path):
+    """The replay state lives in the node's context.state, not only in its process: a node whose
+    process restarted (no warm copy) refuses the step it accepted before the restart."""
+    from deca_flower.flower import state
+
+    coordinator, _ = started_coordinator(secure_cfg.replace(state_sync="step"), tmp_path)
+    coordinator.exchange(block=1, start=True)
+    sealed_at_0 = dict(coordinator.progress.halves)
+    coordinator.exchange(block=1, start=False)
+    state._WARM.clear()  # every node process restarts: rebuilt from disk and its context
+    progress = coordinator.progress
+    progress.halves, progress.step = sealed_at_0, 1
     with pytest.raises(CoordinationError, match=r"is for step 0, but step 0 was already accepted"):
         coordinator.exchange(block=1, start=False)
 

@@ -38,9 +38,12 @@ def run(cfg, node_configs):
 
 def test_sites_train_on_their_own_files(tiny_cfg, tmp_path):
     configs = sites(tmp_path, [TOPICS, TOPICS[:2], TOPICS[1:], TOPICS[::2]])
+    for pid in (1, 2, 3):  # site 0 keeps its label counts home, as a site's own file does by default
+        configs[pid]["share-label-counts"] = True
     summary, run_dir = run(tiny_cfg.replace(labels=",".join(TOPICS)), configs)
     counts = summary["label_counts"]  # 80% of each site's 12 rows per topic, only its topics
-    assert counts[1][2] == 0 and counts[2][0] == 0 and counts[3][1] == 0 and all(sum(c) > 0 for c in counts.values())
+    assert counts[0] == [] and counts[1][2] == 0 and counts[2][0] == 0 and counts[3][1] == 0
+    assert all(sum(counts[pid]) > 0 for pid in (1, 2, 3))
     assert len(summary["final"]["accuracy_per_node"]) == 4
     assert not (run_dir / "label_distribution.png").exists()  # the server never sees the sites' data
 

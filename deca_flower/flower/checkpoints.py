@@ -5,7 +5,6 @@ their own checkpoints (flower/state.py); this one says which visit they all have
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,9 @@ from omegaconf import OmegaConf
 
 from deca_flower.config import DecaConfig
 from deca_flower.flower.transport import CoordinationError
+from deca_flower.results import CHECKPOINT
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.json"
-RESUMABLE_CHANGES = {"resume", "node-wait-s", "reply-timeout-s", "rejoin-probe-s"}  # may differ on resume
+RESUMABLE_CHANGES = {"resume", "overwrite", "node-wait-s", "reply-timeout-s", "rejoin-probe-s"}  # may differ on resume
 
 
 def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
@@ -27,20 +24,14 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     tmp.replace(run_dir / CHECKPOINT)
 
 
-def checkpoint_to_resume(cfg: DecaConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint of the run to continue (None: it had not finished a visit); refused if the run
-    is not there or its saved config differs from `cfg` beyond RESUMABLE_CHANGES."""
-    file = run_dir / CHECKPOINT
+def checkpoint_to_resume(cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
+    """The checkpoint of the run to continue (results.check_run_folder has made sure there is one);
+    refused if the run's saved config is missing or differs from `cfg` beyond RESUMABLE_CHANGES."""
     if not (run_dir / "config.yaml").is_file():
-        others = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{CHECKPOINT}"))
-        raise CoordinationError(f"resume=true but there is no run in {run_dir} (run folders with a checkpoint "
-                                f"under {run_dir.parent}: {others or 'none'})")
-    if not file.is_file():
-        log.warning("resume=true: %s finished no block visit before it stopped; starting it again", run_dir)
-        return None
+        raise CoordinationError(f"resume=true but {run_dir} holds no config.yaml to compare the run config with")
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     changed = {k: (saved.get(k), v) for k, v in cfg.to_run_config().items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if changed:
         raise CoordinationError(f"resume=true with a config that differs from the run's saved config: {changed}")
-    return json.loads(file.read_text())
+    return json.loads((run_dir / CHECKPOINT).read_text())

@@ -138,12 +138,15 @@ class Coordinator:
                 ask.signatures = {j: membership.public_keys[j][1] for j in nbrs}
             if progress.halves:
                 ask.self_weight, ask.weights = float(weights[pid, pid]), nbrs
+                ask.dropped = sorted(membership.dropped)  # each node checks W against the graph less these
                 ask.halves = {j: progress.halves[j].sealed[pid] if self.secure_gossip else progress.halves[j].half
                               for j in nbrs}
             requests[pid] = ask
         results = {pid: pm.StepResult.from_content(reply.content)
                    for pid, reply in membership.ask(requests, progress.step).items()}
         for pid, result in results.items():
+            if block is not None:
+                self._check_sizes(pid, block, result)
             if result.half is not None:
                 progress.bytes_sent[pid] += record_bytes(result.half) * len(neighbours(weights, pid))
             progress.bytes_sent[pid] += sum(record_bytes(r) for r in result.sealed.values())  # one per neighbour
@@ -156,6 +159,17 @@ class Coordinator:
         if block is not None:
             progress.step += 1
         return {pid: r for pid, r in results.items() if r.loss is not None}
+
+    def _check_sizes(self, pid: int, block: int, result: pm.StepResult) -> None:
+        """Relay no half of another size than the block's (one model: every node's half of block b has
+        the size they all reported at setup); refused before any neighbour receives it."""
+        expected = self.membership.half_bytes[block] if block < len(self.membership.half_bytes) else None
+        sizes = ([record_bytes(result.half)] if result.half is not None else []) + [
+            record_bytes(r) for r in result.sealed.values()]
+        wrong = [size for size in sizes if size != expected]
+        if wrong:
+            raise CoordinationError(f"node {pid} sent a half of block {block} of {wrong[0]} bytes, expected {expected}: "
+                                    "not relayed")
 
     def evaluate(self, partitions: list[int], round_: int, block: int, *, final: bool = False) -> dict[str, Any]:
         """Held-out metrics of each node (the final one also asks for generated samples); block -1:

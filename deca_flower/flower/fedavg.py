@@ -24,7 +24,7 @@ from deca_flower.flower import internals
 from deca_flower.flower.job import connect, coordinator_for
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import record_bytes
-from deca_flower.results import RunWriter
+from deca_flower.results import RunWriter, check_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ class EvaluateOnSchedule(FedAvg):
 
 
 def run_fedavg(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
+    check_run_folder(run_dir, resume=False, overwrite=cfg.overwrite)  # before any node connects
     writer = RunWriter(run_dir)
-    writer.write_config(cfg.to_run_config())
     membership = connect(grid, cfg, writer)
     coordinator = coordinator_for(membership, cfg)
     started = time.time()
     infos = membership.set_up(membership.wait_for_nodes())
+    writer.write_config(cfg.to_run_config())
     deca_blocks = infos[0].steps_per_visit // cfg.steps_per_block
     num_rounds = cfg.rounds * deca_blocks
     relayed = pm.ModelArrays.from_content(membership.ask({0: pm.InitialModel()}, 0)[0].content).arrays

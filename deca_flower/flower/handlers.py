@@ -9,24 +9,31 @@ block. Nothing is ever averaged anywhere but on the node itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
+import networkx as nx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from deca_flower.core.gossip import BlockError, check_block
+from deca_flower.config import DecaConfig
+from deca_flower.core.gossip import BlockError, MixingWeightsError, check_block, check_mixing_weights
+from deca_flower.core.topology import build_graph
 from deca_flower.flower import state
+from deca_flower.flower.site_policy import SitePolicy, SitePolicyError
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import RecordError
-from deca_flower.protocol.tensors import block_to_record, record_to_block
+from deca_flower.protocol.tensors import block_to_record, record_to_block, wire_bytes
+from deca_flower.results import write_samples
 from deca_flower.runtime import NodeRuntime
-from deca_flower.secure import PairwiseChannel, SecurityError
+from deca_flower.secure import SEAL_OVERHEAD, PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
-SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key (stays on the node)
+SEALED_KEY = "ct"  # the one array of a sealed half
+SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key and replay state (stays on the node)
 
 
 class NodeSetupError(ValueError):
@@ -50,15 +57,21 @@ def _refused(msg: Message, runtime: NodeRuntime, err: Exception, code: int = pm.
 
 
 def secure_channel(runtime: NodeRuntime, context: Context) -> PairwiseChannel:
-    """The node's pairwise channel; its per-run key is kept in the node's own context.state."""
+    """The node's pairwise channel as this run left it in the node's own context.state (its per-run
+    key and the last step accepted from each neighbour), so a restarted process keeps refusing
+    replayed and rewound steps."""
     if runtime.channel is None:
         cfg, pid = runtime.cfg, runtime.partition_id
         identity = context.node_config.get("identity-key") or Path(cfg.identity_key_dir) / f"node_{pid}.pem"
-        stored = context.state.get(SECURE_STATE)
-        runtime.channel = PairwiseChannel.from_files(context.run_id, pid, Path(str(identity)), Path(cfg.trusted_keys),
-                                                     bytes.fromhex(stored["x25519"]) if stored else None)
-        context.state[SECURE_STATE] = ConfigRecord({"x25519": runtime.channel.ephemeral_bytes.hex()})
+        saved = context.state.get(SECURE_STATE)
+        runtime.channel = PairwiseChannel.from_saved(context.run_id, pid, Path(str(identity)), Path(cfg.trusted_keys),
+                                                     dict(saved) if saved else None)
+        _keep_channel_state(runtime.channel, context)
     return runtime.channel
+
+
+def _keep_channel_state(channel: PairwiseChannel, context: Context) -> None:
+    context.state[SECURE_STATE] = ConfigRecord(channel.saved_state())
 
 
 def _neighbour_keys(ask: pm.TrainStep, channel: PairwiseChannel) -> list[int]:
@@ -70,10 +83,25 @@ def _neighbour_keys(ask: pm.TrainStep, channel: PairwiseChannel) -> list[int]:
 def _decode(ask: pm.TrainStep, runtime: NodeRuntime, sender_pid: int, record: ArrayRecord, own: dict) -> dict:
     if not runtime.cfg.secure_gossip:
         return record_to_block(record, f"node {sender_pid}")
+    if list(record) != [SEALED_KEY]:
+        raise RecordError(f"block from node {sender_pid}: expected one '{SEALED_KEY}' array (secure-gossip), "
+                          f"got {list(record)[:3]}")
     names = list(own)  # halves were sealed at the previous step
-    opened = runtime.channel.open(sender_pid, ask.step - 1, runtime.node.active_index, record["ct"].data,
+    opened = runtime.channel.open(sender_pid, ask.step - 1, runtime.node.active_index, record[SEALED_KEY].data,
                                   [own[n] for n in names])
     return dict(zip(names, opened))
+
+
+@functools.cache
+def _announced_graph(topology: str, num_nodes: int, seed: int, edge_prob: float) -> nx.Graph:
+    return build_graph(topology, num_nodes, seed=seed, edge_prob=edge_prob)
+
+
+def known_graph(cfg: DecaConfig, dropped: list[int]) -> nx.Graph:
+    """The graph the node knows: the run config's (the same on every node, fixed for the run) less
+    the partitions the coordinator says are out of the run."""
+    graph = _announced_graph(cfg.topology, cfg.num_nodes, cfg.seed, cfg.edge_prob)
+    return graph.subgraph(set(graph) - set(dropped))
 
 
 def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -86,26 +114,35 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     runtime = runtime_of(msg, context)
     cfg, node = runtime.cfg, runtime.node
     self_weight, others, senders, excluded = ask.self_weight, [], [], []
+    try:  # the relay's W: never trusted to be the graph's (an inflated weight amplifies any difference)
+        check_mixing_weights(runtime.partition_id, self_weight, ask.weights, known_graph(cfg, ask.dropped))
+    except MixingWeightsError as err:
+        log.error("node %d refused the relay's mixing weights: %s", runtime.partition_id, err)
+        return _refused(msg, runtime, f"refused the mixing weights the relay sent: {err}", pm.BAD_RELAY_DATA)
     own = node.block_values()
     if cfg.secure_gossip:
         try:
             _neighbour_keys(ask, secure_channel(runtime, context))
         except SecurityError as err:
             return _refused(msg, runtime, err)
-    for pid, record in sorted(ask.halves.items()):
-        sender = f"node {pid}"
-        try:
-            block = _decode(ask, runtime, pid, record, own)
-            check_block(block, own, sender, cfg.max_block_deviation)
-        except (BlockError, RecordError, SecurityError) as err:
-            log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
-            if cfg.on_bad_block == "stop":
-                return _refused(msg, runtime, err)
-            self_weight += ask.weights[pid]  # re-normalise: the excluded share stays with the node
-            excluded.append(f"{sender}: {err}")
-            continue
-        others.append((ask.weights[pid], block))
-        senders.append(sender)
+    try:
+        for pid, record in sorted(ask.halves.items()):
+            sender = f"node {pid}"
+            try:
+                block = _decode(ask, runtime, pid, record, own)
+                check_block(block, own, sender, cfg.max_block_deviation)
+            except (BlockError, RecordError, SecurityError) as err:
+                log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
+                if cfg.on_bad_block == "stop":
+                    return _refused(msg, runtime, err)
+                self_weight += ask.weights[pid]  # re-normalise: the excluded share stays with the node
+                excluded.append(f"{sender}: {err}")
+                continue
+            others.append((ask.weights[pid], block))
+            senders.append(sender)
+    finally:
+        if cfg.secure_gossip:  # the steps accepted, kept even when the node refuses the message
+            _keep_channel_state(runtime.channel, context)
     try:
         node.apply_mix(self_weight, others, senders, validated=True)
     except (BlockError, ValueError) as err:
@@ -114,21 +151,47 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     return call_next(msg, context)
 
 
+def _half_bytes(runtime: NodeRuntime) -> list[int]:
+    """Per block, the bytes of one half this node sends: what the relay lets through (and nothing larger)."""
+    node = runtime.node
+    if runtime.cfg.secure_gossip:
+        return [sum(t.numel() * t.element_size() for t in node.stored_block(b.index).values()) + SEAL_OVERHEAD
+                for b in node.blocks]
+    return [wire_bytes(node.stored_block(b.index)) for b in node.blocks]
+
+
 def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.NodeInfo:
     channel = secure_channel(runtime, context) if runtime.cfg.secure_gossip else None
+    shares_counts = SitePolicy.from_node_config(context.node_config).share_label_counts
     return pm.NodeInfo(
         partition_id=runtime.partition_id, device=str(runtime.device), train_examples=len(runtime.train),
-        label_counts=runtime.label_counts, label_names=runtime.label_names, own_data=bool(runtime.data_path),
+        label_counts=runtime.label_counts if shares_counts else [], label_names=runtime.label_names,
+        own_data=bool(runtime.data_path),
         num_blocks=len(runtime.blocks), block_names=[b.name for b in runtime.blocks],
         steps_per_visit=runtime.steps_per_visit, setup_s=time.time() - started,
-        public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None)
+        public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None,
+        half_bytes=_half_bytes(runtime))
+
+
+def _configure(context: Context, run_config: dict) -> Error | None:
+    """Take part with this run config, or say why the site's own node-config refuses it."""
+    try:
+        site = SitePolicy.from_node_config(context.node_config)
+        state.configure(context, site.run_config_for_site(run_config, partition_id_of(context)))
+    except SitePolicyError as err:
+        log.error("%s", err)
+        return Error(pm.BAD_RELAY_DATA, str(err))
+    return None
 
 
 def handle_setup(msg: Message, context: Context) -> Message:
-    """Validate the run config, load model and data now (so the first step is not slowed), say who we are."""
+    """Check the run config against the site's policy and validate it, load model and data now (so the
+    first step is not slowed), say who we are."""
     started = time.time()
     ask = pm.Setup.from_content(msg.content)
-    state.configure(context, ask.config)
+    refused = _configure(context, ask.config)
+    if refused:
+        return Message(refused, reply_to=msg)
     runtime = runtime_of(msg, context)
     if ask.fresh:
         state.forget_checkpoints(runtime)
@@ -137,7 +200,9 @@ def handle_setup(msg: Message, context: Context) -> Message:
 
 def handle_rejoin_probe(msg: Message, context: Context) -> Message:
     started = time.time()
-    state.configure(context, pm.RejoinProbe.from_content(msg.content).config)
+    refused = _configure(context, pm.RejoinProbe.from_content(msg.content).config)
+    if refused:
+        return Message(refused, reply_to=msg)
     return pm.reply(msg, _node_info(runtime_of(msg, context), context, started))
 
 
@@ -210,7 +275,7 @@ def handle_step(msg: Message, context: Context) -> Message:
                 return _refused(msg, runtime, err)
             for pid in receivers:
                 sealed = channel.seal(pid, ask.step, ask.block, list(half.values()))
-                result.sealed[pid] = ArrayRecord({"ct": Array(dtype="uint8", shape=(len(sealed),), stype="sealed",
+                result.sealed[pid] = ArrayRecord({SEALED_KEY: Array(dtype="uint8", shape=(len(sealed),), stype="sealed",
                                                               data=sealed)})
         else:
             result.half = block_to_record(half)
@@ -226,4 +291,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     metrics = runtime.evaluate()
     metrics["eval-s"] = time.time() - started
     samples = runtime.samples() if ask.samples else []
+    if samples and not SitePolicy.from_node_config(context.node_config).share_samples:
+        kept = write_samples(state.node_dir(runtime.cfg, runtime.partition_id) / "samples.md", {runtime.partition_id: samples})
+        log.info("node %d kept its generated samples in %s (node-config share-samples)", runtime.partition_id, kept)
+        samples = []
     return pm.reply(msg, pm.Evaluation(metrics, [p for p, _ in samples], [a for _, a in samples]))

@@ -17,7 +17,7 @@ from deca_flower.flower.checkpoints import checkpoint_to_resume
 from deca_flower.flower.coordinator import Coordinator
 from deca_flower.flower.membership import Membership
 from deca_flower.flower.transport import Transport
-from deca_flower.results import RunWriter, plot_label_distribution
+from deca_flower.results import RunWriter, check_run_folder, plot_label_distribution
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,11 @@ def coordinator_for(membership: Membership, cfg: DecaConfig) -> Coordinator:
 
 
 def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
-    """The whole job; returns the summary that is also written to run_dir/summary.json."""
+    """The whole job; returns the summary that is also written to run_dir/summary.json.
+    The run folder is checked before any node connects and changed only once the nodes are set up."""
+    check_run_folder(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     checkpoint = checkpoint_to_resume(cfg, run_dir) if cfg.resume else None
     writer = RunWriter(run_dir, keep_lines=checkpoint["metrics_lines"] if checkpoint else None)
-    writer.write_config(cfg.to_run_config())
     membership = connect(grid, cfg, writer)
     coordinator = coordinator_for(membership, cfg)
     started = time.time()
@@ -45,6 +46,7 @@ def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:
     needed = cfg.num_nodes - len(checkpoint["dropped"]) if checkpoint else cfg.num_nodes
     log.info("waiting for %d nodes", needed)
     infos = membership.set_up(membership.wait_for_nodes(needed), fresh=checkpoint is None)
+    writer.write_config(cfg.to_run_config())
     membership.graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     membership.weights = metropolis_hastings(membership.graph)
     gap = spectral_gap(membership.weights)

@@ -51,19 +51,24 @@ class Membership:
         self.dropped: dict[int, str] = {}  # partition id -> why
         self.rejoined: list[dict[str, int]] = []
         self.public_keys: dict[int, tuple[str, str]] = {}  # secure gossip: partition id -> (X25519 key, signature)
+        self.half_bytes: list[int] = []  # per block: the size of every half a node may send (one model, one size)
         self.graph: nx.Graph | None = None  # once set, nodes that fail are dropped instead of stopping the run
         self.weights: np.ndarray | None = None
 
     # -- joining ------------------------------------------------------------------------------
 
     def wait_for_nodes(self, needed: int | None = None) -> list[int]:
-        """Up to num_nodes connected node ids, once `needed` (default: num_nodes) are there."""
+        """The connected node ids, once `needed` (default: num_nodes) are there. More than num_nodes is
+        refused: which of them would take part is not the coordinator's to guess."""
         needed = needed or self.num_nodes
         deadline = time.time() + self.node_wait_s
         while True:
             node_ids = self.transport.node_ids()
+            if len(node_ids) > self.num_nodes:
+                raise CoordinationError(f"{len(node_ids)} SuperNodes are connected but num-nodes={self.num_nodes}: "
+                                        "stop the extra ones or set num-nodes to match")
             if len(node_ids) >= needed:
-                return node_ids[: self.num_nodes]
+                return node_ids
             if time.time() > deadline:
                 raise CoordinationError(
                     f"only {len(node_ids)} of {needed} SuperNodes (num-nodes={self.num_nodes}) connected within "
@@ -87,6 +92,11 @@ class Membership:
             self.node_of[pid] = node_id
             if info.public_key is not None:
                 self.public_keys[pid] = (info.public_key, info.signature or "")
+        sizes = {tuple(info.half_bytes) for info in infos.values()}
+        if len(sizes) > 1:
+            raise CoordinationError("nodes disagree on the size of their blocks' halves (not one model and "
+                                    f"config): {({pid: info.half_bytes for pid, info in infos.items()})}")
+        self.half_bytes = list(sizes.pop())
         names = {pid: info.label_names for pid, info in infos.items()}
         if self.run_config["task"] == "classify" and len({tuple(n) for n in names.values()}) > 1:
             raise CoordinationError(f"nodes disagree on the class names {names}; set labels='a,b,...' in the run "
@@ -107,7 +117,7 @@ class Membership:
             if reply is None:
                 problems[pid] = f"no reply within reply-timeout-s={self.transport.reply_timeout_s}"
             elif reply.has_error():
-                if not dropouts or reply.error.code == pm.BAD_NEIGHBOUR_BLOCK:  # bad data: never ignored
+                if not dropouts or reply.error.code in pm.REFUSED:  # bad data: never ignored
                     raise CoordinationError(f"node {self.node_of[pid]} failed: {reply.error.reason}")
                 problems[pid] = f"failed: {reply.error.reason}"
             else:

@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 BAD_NEIGHBOUR_BLOCK = 4001  # Error code: a neighbour's block, key or signature failed validation
+BAD_RELAY_DATA = 4002       # Error code: what the relay itself sent (mixing weights, run config) was refused
+REFUSED = (BAD_NEIGHBOUR_BLOCK, BAD_RELAY_DATA)  # a node refused the data: the run stops, the node is not dropped
 UNFINISHED_BLOCK = 4003     # Error code: a visit started while another block was still active
 
 FIELDS = "deca.fields"
@@ -214,6 +216,7 @@ class TrainStep(Payload):
     finish: int | None = None           # after mixing, finish the active block and save it as this visit
     self_weight: float | None = None    # W[i, i]; None: nothing to mix yet
     weights: dict[int, float] = field(default_factory=dict)        # neighbour partition id -> W[i, j]
+    dropped: list[int] = field(default_factory=list)  # partition ids out of the run: W is over the graph without them
     halves: dict[int, ArrayRecord] = field(default_factory=dict)   # neighbour -> its half (packed, or sealed for i)
     public_keys: dict[int, str] = field(default_factory=dict)      # secure gossip: neighbour -> X25519 key (hex) ...
     signatures: dict[int, str] = field(default_factory=dict)       # ... signed by its identity key (hex)
@@ -251,6 +254,7 @@ class NodeInfo(Payload):
     setup_s: float
     public_key: str | None = None  # secure gossip: the node's X25519 key for this run (hex) ...
     signature: str | None = None   # ... signed by its identity key (hex)
+    half_bytes: list[int] = field(default_factory=list)  # per block: bytes of one half it sends (packed or sealed)
 
 
 @dataclass

@@ -31,6 +31,8 @@ PACKED = "deca-packed-v1"  # Array stype of a packed block
 PACKED_KEY = "block"      # its key in the ArrayRecord
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # the wire dtypes
 FLOAT64_SLICE = 1 << 20  # elements per float64 slice of the consensus distance: bounded scratch memory
+MAX_MANIFEST_BYTES = 1 << 20  # ~10,000 tensors' names and shapes: far above any model's block
+MAX_DIMS = 8
 _ALIGN = 8
 _LENGTH = struct.Struct("<Q")
 
@@ -73,6 +75,12 @@ def _layout(manifest_bytes: int, entries: list) -> tuple[list[int], list[int], i
     return offsets, sizes, end
 
 
+def packed_size(tensors: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """Bytes of the Array `pack` makes of tensors (name, wire dtype, shape), without making it."""
+    entries = [[name, dtype, list(shape)] for name, dtype, shape in tensors]
+    return _layout(len(json.dumps(entries).encode()), entries)[2]
+
+
 def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]]) -> ArrayRecord:
     """(name, wire dtype, shape, raw bytes as a flat uint8 array) per tensor -> one packed Array."""
     entries = [[name, dtype, list(shape)] for name, dtype, shape, _ in tensors]
@@ -93,20 +101,25 @@ def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]]) -> ArrayRe
 
 
 def _manifest(data: memoryview, sender: str) -> list:
+    """The manifest, bounded before it is parsed (its length) and before anything is allocated for
+    it (every dimension at most the block's byte count, so no shape can overflow a tensor's size)."""
     if len(data) < _LENGTH.size:
         raise RecordError(f"block from {sender}: {len(data)} bytes, too short for a packed block")
     (length,) = _LENGTH.unpack_from(data)
-    if _LENGTH.size + length > len(data):
-        raise RecordError(f"block from {sender}: manifest of {length} bytes in a {len(data)}-byte block")
+    if _LENGTH.size + length > len(data) or length > MAX_MANIFEST_BYTES:
+        raise RecordError(f"block from {sender}: manifest of {length} bytes in a {len(data)}-byte block "
+                          f"(at most {MAX_MANIFEST_BYTES})")
     try:
         entries = json.loads(bytes(data[_LENGTH.size:_LENGTH.size + length]))
-    except ValueError as err:
-        raise RecordError(f"block from {sender}: unreadable manifest ({err})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting too deep for the parser
+        raise RecordError(f"block from {sender}: unreadable manifest ({type(err).__name__})") from None
     well_formed = isinstance(entries, list) and all(
         isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in ITEMSIZE
-        and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2]) for e in entries)
+        and isinstance(e[2], list) and len(e[2]) <= MAX_DIMS
+        and all(type(d) is int and 0 <= d <= len(data) for d in e[2]) for e in entries)  # (type: not bool)
     if not well_formed:
-        raise RecordError(f"block from {sender}: manifest is not [[name, float32|float16|bfloat16, shape], ...]")
+        raise RecordError(f"block from {sender}: manifest is not [[name, float32|float16|bfloat16, shape], ...] "
+                          f"with at most {MAX_DIMS} dimensions, each in 0..{len(data)}")
     return entries
 
 

@@ -8,7 +8,7 @@ import warnings
 import torch
 from flwr.app import ArrayRecord
 
-from deca_flower.protocol.packing import RecordError, pack, unpack
+from deca_flower.protocol.packing import RecordError, pack, packed_size, unpack
 
 _WIRE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _FROM_WIRE = {name: dtype for dtype, name in _WIRE.items()}
@@ -22,6 +22,11 @@ def block_to_record(block: dict[str, torch.Tensor]) -> ArrayRecord:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         tensors.append((name, _WIRE[tensor.dtype], tuple(tensor.shape), raw))
     return pack(tensors)
+
+
+def wire_bytes(block: dict[str, torch.Tensor]) -> int:
+    """Bytes of block_to_record(block), as the relay counts them (packing.record_bytes), without packing it."""
+    return packed_size([(name, _WIRE[t.dtype], tuple(t.shape)) for name, t in block.items()])
 
 
 def record_to_block(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]:
