@@ -88,7 +88,7 @@ class DecaConfig:
     identity_key_dir: str = ""
     """secure-gossip demo: folder with node_<id>.pem identities (a SuperNode's node-config 'identity-key' wins)."""
     on_disconnect: str = "stop"
-    """When dropped nodes split the graph: stop, or go on gossiping within each component."""
+    """When dropped nodes split the graph: stop (after disconnect-wait-s), or go on gossiping within each component."""
     max_block_deviation: float = 0.5
     """Refuse a neighbour block farther than this times the norm of the node's own block (0 = off)."""
     bma_beta1: float = 0.9
@@ -135,6 +135,9 @@ class DecaConfig:
     """How long the coordinator waits for the replies to one message round."""
     rejoin_probe_s: float = 30.0
     """At each block boundary, how long to wait for a dropped node that may be back (0 = no rejoin)."""
+    disconnect_wait_s: float = 300.0
+    """on-disconnect='stop': how long to hold at the block boundary after dropouts split the graph, probing
+    for the dropped nodes to rejoin, before the run stops (0 = stop at once; needs rejoin-probe-s > 0)."""
     resume: bool = False
     """Continue the run named run-name from its last block-boundary checkpoint."""
     overwrite: bool = False

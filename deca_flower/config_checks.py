@@ -86,7 +86,8 @@ def problems(cfg: Any) -> list[str]:
                  "reply_timeout_s", "shards_per_node", "max_response_tokens"):
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
-    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "samples", "bma_strength"):
+    for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "disconnect_wait_s",
+                 "samples", "bma_strength"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)

@@ -12,6 +12,8 @@ from flwr.app.metadata import Metadata
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
+from deca_flower.protocol import messages as pm
+
 
 class KilledRun(BaseException):
     """The ServerApp process died (kill -9): nothing after this point runs."""
@@ -31,12 +33,14 @@ class InProcessGrid:
         self.drop_replies_from: set[int] = set()
         self.silent_after: dict[int, int] = {}  # node id -> train messages it answers before going down
         self.back_at: dict[int, int] = {}       # node id -> total train messages after which it is up again
+        self.back_at_probe: dict[int, int] = {}  # node id -> rejoin probes it misses before it is up again
         self.crash_after: dict[int, int] = {}   # node id -> train messages it answers before crashing
         self.gone_after: dict[int, int] = {}    # node id -> train messages it answers before its SuperNode dies
         self.kill_after: int | None = None      # total train messages after which the whole run is killed
         self.trains: dict[int, int] = {}
         self.total_trains = 0
         self.down: set[int] = set()
+        self.probes: dict[int, int] = {}  # node id -> rejoin probes sent to it while down
         self.replies: dict[str, Message] = {}   # message id -> reply not pulled yet
 
     def get_node_ids(self):
@@ -58,7 +62,10 @@ class InProcessGrid:
                 run_id=self.run_id, message_id=f"m{self.sent}", src_node_id=0, dst_node_id=node_id,
                 reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0,
                 message_type=msg.metadata.message_type), content=msg.content)
-            if node_id in self.down and self.total_trains >= self.back_at.get(node_id, 1 << 30):
+            if node_id in self.down and msg.metadata.message_type == pm.RejoinProbe.MESSAGE_TYPE:
+                self.probes[node_id] = self.probes.get(node_id, 0) + 1
+            if node_id in self.down and (self.total_trains >= self.back_at.get(node_id, 1 << 30)
+                                         or self.probes.get(node_id, 0) > self.back_at_probe.get(node_id, 1 << 30)):
                 self.down.discard(node_id)
                 self.silent_after.pop(node_id)
             ids.append(delivered.metadata.message_id)

@@ -1,6 +1,7 @@
 """Fault injection: nodes that go silent or crash are dropped, W is recomputed over the rest."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,41 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped(tiny_cfg):
 
 
 def test_split_graph_stops_or_goes_on_per_component(tiny_cfg):
-    cfg = tiny_cfg.replace(num_nodes=5, topology="ring")
+    cfg = tiny_cfg.replace(num_nodes=5, topology="ring", disconnect_wait_s=0.0)
     with pytest.raises(CoordinationError, match=r"disconnected \(components \[\[0, 4\], \[2\]\]\)"):
         run_with_faults(cfg, silent={1: 2, 3: 2})
     summary, _ = run_with_faults(cfg.replace(on_disconnect="components", overwrite=True), silent={1: 2, 3: 2})
     assert sorted(summary["dropped_nodes"]) == [1, 3] and len(summary["final"]["accuracy_per_node"]) == 3
+
+
+def test_split_graph_holds_at_the_block_boundary_until_its_nodes_rejoin(tiny_cfg):
+    """Nodes 1 and 3 drop in visit 0: 0 and 2 are cut off from each other. The coordinator holds after
+    the visit, probing; the two answer the second probe, rejoin, and all 4 finish the run."""
+    state._WARM.clear()
+    cfg, run_dir = prepare_run(tiny_cfg.replace(disconnect_wait_s=30.0))
+    grid = InProcessGrid(client_app, 4)
+    grid.silent_after, grid.back_at_probe = {101: 1, 103: 1}, {101: 1, 103: 1}
+    summary = run_deca(grid, cfg, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records if r["kind"] in ("dropout", "hold", "rejoin")]
+    assert kinds == ["dropout", "dropout", "hold", "rejoin", "rejoin"]
+    (hold,) = [r for r in records if r["kind"] == "hold"]
+    assert hold["after_visit"] == 0 and "components [[0], [2]]" in hold["reason"]
+    assert summary["dropped_nodes"] == {} and len(summary["final"]["accuracy_per_node"]) == 4
+    assert grid.probes == {101: 2, 103: 2}
+
+
+def test_split_graph_that_stays_split_stops_after_the_wait_with_a_checkpoint(tiny_cfg):
+    cfg, run_dir = prepare_run(tiny_cfg.replace(disconnect_wait_s=1.5))
+    state._WARM.clear()
+    grid = InProcessGrid(client_app, 4)
+    grid.silent_after = {101: 1, 103: 1}
+    started = time.monotonic()
+    with pytest.raises(CoordinationError, match=r"components \[\[0\], \[2\]\]\) and no dropped node rejoined within "
+                                                r"disconnect-wait-s=1.5: stopped after visit 0"):
+        run_deca(grid, cfg, run_dir)
+    assert time.monotonic() - started >= 1.5
+    assert json.loads((run_dir / "checkpoint.json").read_text())["visit"] == 0
 
 
 def set_up(cfg, grid):

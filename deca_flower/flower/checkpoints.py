@@ -14,7 +14,8 @@ from deca_flower.config import DecaConfig
 from deca_flower.flower.transport import CoordinationError
 from deca_flower.results import CHECKPOINT
 
-RESUMABLE_CHANGES = {"resume", "overwrite", "node-wait-s", "reply-timeout-s", "rejoin-probe-s"}  # may differ on resume
+RESUMABLE_CHANGES = {"resume", "overwrite", "node-wait-s", "reply-timeout-s", "rejoin-probe-s",
+                     "disconnect-wait-s"}  # may differ on resume
 
 
 def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

@@ -122,6 +122,8 @@ class Coordinator:
                 for donor, sent in self.membership.rejoin(visit.position, visited, progress.step).items():
                     progress.bytes_sent[donor] += sent
             self._checkpoint(self.snapshot(visit.position))
+            if not last:
+                self.membership.check_connected(visit.position)
 
     def exchange(self, *, block: int | None, start: bool, finish: int | None = None) -> dict[int, pm.StepResult]:
         """One inner step: relay each node its neighbours' previous halves; collect new halves.

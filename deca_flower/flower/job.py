@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def connect(grid: Grid, cfg: DecaConfig, writer: RunWriter) -> Membership:
     """The run's nodes, before any of them is asked anything."""
     return Membership(Transport(grid, cfg.reply_timeout_s), writer, cfg.to_run_config(), cfg.num_nodes,
-                      node_wait_s=cfg.node_wait_s, on_disconnect=cfg.on_disconnect, rejoin_probe_s=cfg.rejoin_probe_s)
+                      node_wait_s=cfg.node_wait_s, on_disconnect=cfg.on_disconnect, rejoin_probe_s=cfg.rejoin_probe_s,
+                      disconnect_wait_s=0.0 if cfg.secure_gossip else cfg.disconnect_wait_s)  # (no rejoin there)
 
 
 def coordinator_for(membership: Membership, cfg: DecaConfig) -> Coordinator:

@@ -21,6 +21,8 @@ from deca_flower.results import RunWriter
 
 log = logging.getLogger(__name__)
 
+HOLD_PAUSE_S = 1.0  # between rounds of rejoin probes while a split graph holds the run
+
 
 class Membership:
     """The nodes of a run by partition id: who takes part, who was dropped or rejoined, and W.
@@ -41,12 +43,16 @@ class Membership:
         When dropouts split the graph: "stop", or "components" (gossip goes on within each).
     rejoin_probe_s : float
         At a block boundary, how long to wait for dropped nodes that may be back (0: no rejoin).
+    disconnect_wait_s : float
+        "stop" with rejoins possible: how long to hold at the block boundary, probing, for the graph to
+        be whole again before stopping (until that boundary, gossip goes on within each component).
     """
 
     def __init__(self, transport: Transport, writer: RunWriter, run_config: dict[str, Any], num_nodes: int, *,
-                 node_wait_s: float, on_disconnect: str, rejoin_probe_s: float) -> None:
+                 node_wait_s: float, on_disconnect: str, rejoin_probe_s: float, disconnect_wait_s: float = 0.0) -> None:
         self.transport, self.writer, self.run_config, self.num_nodes = transport, writer, run_config, num_nodes
         self.node_wait_s, self.on_disconnect, self.rejoin_probe_s = node_wait_s, on_disconnect, rejoin_probe_s
+        self.disconnect_wait_s = disconnect_wait_s
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id, of the nodes taking part
         self.dropped: dict[int, str] = {}  # partition id -> why
         self.rejoined: list[dict[str, int]] = []
@@ -138,19 +144,40 @@ class Membership:
             self.dropped[pid] = why
         self.reweight()
 
-    def reweight(self) -> None:
-        """Metropolis-Hastings weights over the nodes taking part (the others keep W[i, i] = 1)."""
+    def split(self) -> str | None:
+        """Why the nodes taking part do not form one connected graph; None when they do."""
         alive = sorted(self.node_of)
         if len(alive) < 2:
-            raise CoordinationError(f"fewer than 2 nodes left after dropouts {self.dropped}")
+            return f"fewer than 2 nodes left after dropouts {self.dropped}"
         remaining = self.graph.subgraph(alive)
         if not nx.is_connected(remaining):
             parts = [sorted(c) for c in nx.connected_components(remaining)]
-            if self.on_disconnect == "stop":
-                raise CoordinationError(f"after dropping {sorted(self.dropped)} the graph is disconnected "
-                                        f"(components {parts}); on-disconnect='components' would go on per component")
-            log.warning("graph split into components %s: gossip goes on within each", parts)
-        self.weights = metropolis_hastings(remaining, size=self.num_nodes)
+            return f"after dropping {sorted(self.dropped)} the graph is disconnected (components {parts})"
+        return None
+
+    def holds_for_rejoins(self) -> bool:
+        return self.on_disconnect == "stop" and self.disconnect_wait_s > 0 and self.rejoin_probe_s > 0
+
+    def reweight(self) -> None:
+        """Metropolis-Hastings weights over the nodes taking part (the others keep W[i, i] = 1). A split
+        graph stops the run at once unless gossip goes on per component, or the coordinator is to
+        hold for rejoins at the next block boundary."""
+        problem = self.split()
+        if problem and (not self.node_of or not (self.on_disconnect == "components" or self.holds_for_rejoins())):
+            raise CoordinationError(f"{problem}; on-disconnect='components' would go on per component, "
+                                    "disconnect-wait-s > 0 would wait for rejoins")
+        if problem:
+            log.warning("%s: gossip goes on within each component", problem)
+        self.weights = metropolis_hastings(self.graph.subgraph(sorted(self.node_of)), size=self.num_nodes)
+
+    def check_connected(self, visit: int) -> None:
+        """At a block boundary: stop (the checkpoint of `visit` written) if the graph is still split
+        and the run is not to go on per component."""
+        problem = self.split()
+        if problem and self.on_disconnect == "stop":
+            raise CoordinationError(f"{problem} and no dropped node rejoined within disconnect-wait-s="
+                                    f"{self.disconnect_wait_s:g}: stopped after visit {visit}; resume=true goes on "
+                                    "from there once the nodes are back")
 
     # -- rejoining ----------------------------------------------------------------------------
 
@@ -159,6 +186,25 @@ class Membership:
         return bool(self.dropped) and self.rejoin_probe_s > 0 and not secure_gossip
 
     def rejoin(self, visit: int, visited_blocks: list[int], step: int) -> dict[int, int]:
+        """Let dropped nodes that are back rejoin (`rejoin_once`); while the graph is split and the run
+        is to hold for rejoins, probe again until disconnect-wait-s has passed. Returns the bytes each
+        donor sent."""
+        donated = self.rejoin_once(visit, visited_blocks, step)
+        problem = self.split()
+        if not (problem and self.holds_for_rejoins()):
+            return donated
+        log.warning("%s: holding after visit %d up to disconnect-wait-s=%g for dropped nodes to rejoin",
+                    problem, visit, self.disconnect_wait_s)
+        self.writer.append({"kind": "hold", "step": step, "after_visit": visit, "reason": problem})
+        deadline = time.monotonic() + self.disconnect_wait_s
+        while problem and time.monotonic() < deadline:
+            time.sleep(min(HOLD_PAUSE_S, max(0.0, deadline - time.monotonic())))
+            for donor, sent in self.rejoin_once(visit, visited_blocks, step).items():
+                donated[donor] = donated.get(donor, 0) + sent
+            problem = self.split()
+        return donated
+
+    def rejoin_once(self, visit: int, visited_blocks: list[int], step: int) -> dict[int, int]:
         """Probe the connected nodes not taking part; a dropped node that answers gets a live
         neighbour's copy of `visited_blocks` (one model transfer) and takes part from the next visit
         on. Returns the bytes each donor sent."""
