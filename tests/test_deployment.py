@@ -110,3 +110,22 @@ def test_a_killed_supernode_started_again_rejoins(tiny_cfg, tmp_path):
     (rejoin,) = [r for r in records if r["kind"] == "rejoin"]
     assert dropout["node"] == rejoin["node"] == 2 and rejoin["step"] >= dropout["step"] and rejoin["from"] in (1, 3)
     assert "Receiving: train.step message" in federation.log("supernode2-again")  # it took part in training again
+
+
+@pytest.mark.deployment
+def test_a_site_policy_in_a_supernodes_node_config_refuses_a_run_that_asks_for_less(tiny_cfg, tmp_path):
+    """A site sets what it requires in its own SuperNode's --node-config; a run config asking for
+    less (no secure-gossip) is refused by that node, naming the reason, and nothing trains."""
+    federation = Loopback(tmp_path)
+    federation.start_superlink()
+    federation.start_supernode("supernode0", "partition-id=0 num-partitions=2")
+    federation.start_supernode("supernode1", "partition-id=1 num-partitions=2 require-secure-gossip=true")
+    cfg = tiny_cfg.replace(num_nodes=2, topology="complete", run_name="refused")
+    try:
+        run = federation.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", as_run_config(cfg))
+    finally:
+        federation.stop()
+    output = run.stdout + run.stderr
+    assert "node 1 refuses this run: the site requires secure-gossip=true" in output, output[-5000:]
+    assert not (Path(cfg.results_dir) / "refused" / "summary.json").exists()
+    assert "Receiving: train.step message" not in federation.log("supernode1")
