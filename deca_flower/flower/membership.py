@@ -175,7 +175,7 @@ class Membership:
         and the run is not to go on per component."""
         problem = self.split()
         if problem and self.on_disconnect == "stop":
-            raise CoordinationError(f"{problem} and no dropped node rejoined within disconnect-wait-s="
+            raise CoordinationError(f"{problem}, still after probing for rejoins for disconnect-wait-s="
                                     f"{self.disconnect_wait_s:g}: stopped after visit {visit}; resume=true goes on "
                                     "from there once the nodes are back")
 
