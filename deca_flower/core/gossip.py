@@ -1,4 +1,5 @@
-"""Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j.
+"""Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j (and CHOCO's mix on
+public copies, public_mix).
 
 With a bf16 model the neighbours' halves are bf16 while `own` is the node's fp32 master, so the
 mix takes the difference form own + sum_j W[i,j] * (half_j - sent_i), sent_i being what this node
@@ -131,6 +132,33 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
                 acc.add_(sent[k].reshape(-1)[start:end], alpha=self_weight - 1.0)
             for weight, flat in flat_others:
                 acc.add_(flat[start:end].to(acc.device), alpha=weight)  # added in float64 without a float64 copy
+            flat_mixed[start:end].copy_(acc)
+        out.append(mixed)
+    return out
+
+
+def public_mix(half: list[torch.Tensor], own_copy: list[torch.Tensor], gamma: float,
+               others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
+    """CHOCO's mix (core/choco.py): half + gamma * sum_j W_ij * (copy_j - own_copy), in float64
+    FLOAT64_SLICE elements at a time as mix() (BMA divides what it moves by lr), returned as fp32.
+    Summed as differences, so that a node whose copies agree gets its half back bit for bit."""
+    out = []
+    for k, tensor in enumerate(half):
+        numel = tensor.numel()
+        flat_own = own_copy[k].reshape(-1)
+        flat_others = [(gamma * weight, copy[k].reshape(-1)) for weight, copy in others]
+        if any(flat.numel() != numel for _, flat in flat_others) or flat_own.numel() != numel:
+            raise ValueError(f"tensor {k}: copies of another size than its {numel} elements")
+        mixed = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+        flat_half, flat_mixed = tensor.reshape(-1), mixed.view(-1)
+        acc_buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
+        diff_buffer = torch.empty_like(acc_buffer)
+        for start in range(0, numel, FLOAT64_SLICE):
+            end = min(start + FLOAT64_SLICE, numel)
+            acc, diff = acc_buffer[:end - start].copy_(flat_half[start:end]), diff_buffer[:end - start]
+            for scaled_weight, flat in flat_others:
+                diff.copy_(flat[start:end]).sub_(flat_own[start:end])
+                acc.add_(diff, alpha=scaled_weight)
             flat_mixed[start:end].copy_(acc)
         out.append(mixed)
     return out
