@@ -49,7 +49,7 @@ def timed(fn) -> float:
 
 def relative_error(codec: Codec, block: dict[str, torch.Tensor]) -> float:
     copies = {k: torch.zeros_like(v) for k, v in block.items()}
-    add_block(codec, copies, encode_block(codec, block, 0))
+    add_block(codec, copies, encode_block(codec, block.items(), 0))
     error = sum(float((copies[k] - v).double().pow(2).sum()) for k, v in block.items())
     return (error / sum(float(v.double().pow(2).sum()) for v in block.values())) ** 0.5
 
@@ -62,9 +62,9 @@ def codec_table(blocks: dict[str, dict[str, torch.Tensor]]) -> None:
         step = {k: LR * torch.sign(torch.randn_like(v)) for k, v in block.items()}
         fp32 = sum(v.numel() * 4 for v in block.values())
         for codec in CODECS:
-            payload = encode_block(codec, block, 0)
+            payload = encode_block(codec, block.items(), 0)
             copies = {k: torch.zeros_like(v) for k, v in block.items()}
-            encode_s = timed(lambda: encode_block(codec, block, 0))  # noqa: B023 (called right here)
+            encode_s = timed(lambda: encode_block(codec, block.items(), 0))  # noqa: B023 (called right here)
             decode_s = timed(lambda: add_block(codec, copies, payload))  # noqa: B023
             print(f"| {name} | {label(codec)} | {fp32 / payload_bytes(payload):.2f} | {relative_error(codec, block):.4f} "
                   f"| {relative_error(codec, step):.4f} | {encode_s:.3f} | {decode_s:.3f} |")

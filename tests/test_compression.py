@@ -51,7 +51,7 @@ def test_topk_sends_the_largest_entries_with_sorted_indices():
 def test_payload_sizes_follow_the_layout(codec):
     torch.manual_seed(0)
     block = {"w": torch.randn(33, 70), "b": torch.randn(7)}  # tails: neither a multiple of 64 nor even
-    payload = encode_block(codec, block, seq=3)
+    payload = encode_block(codec, block.items(), seq=3)
     layout = payload_layout(codec, {k: v.shape for k, v in block.items()})
     assert list(payload) == list(layout)
     assert {k: (t.dtype, t.numel()) for k, t in payload.items()} == layout
@@ -62,7 +62,7 @@ def test_payload_sizes_follow_the_layout(codec):
 def test_bytes_per_element():
     shape = (576, 1536)  # a SmolLM2 MLP matrix
     fp32 = 4 * 576 * 1536
-    ratio = {name: fp32 / payload_bytes(encode_block(codec, {"w": torch.randn(shape)}, 0))
+    ratio = {name: fp32 / payload_bytes(encode_block(codec, {"w": torch.randn(shape)}.items(), 0))
              for name, codec in {"int8": Codec("int8", 64), "int4": Codec("int4", 64), "int8-row": Codec("int8", 0),
                                  "topk": Codec("topk", fraction=0.1)}.items()}
     # int8: 1 byte + 4/64 of a scale; int4: half a byte + 4/64; topk: 8 bytes per kept entry
@@ -84,7 +84,7 @@ def test_quantisation_error_is_at_most_half_a_step(codec):
 def test_decoding_adds_to_the_copy_in_place():
     codec = Codec("int8", 2)
     copy = torch.tensor([1.0, 1.0, 1.0])
-    add_block(codec, {"w": copy}, encode_block(codec, {"w": torch.tensor([127.0, 0.0, 2.0])}, 0))
+    add_block(codec, {"w": copy}, encode_block(codec, {"w": torch.tensor([127.0, 0.0, 2.0])}.items(), 0))
     assert torch.equal(copy, torch.tensor([128.0, 1.0, 3.0]))
 
 
@@ -102,7 +102,7 @@ SHAPES = {"w": (4, 6), "b": (5,)}
 
 def good_payload(codec: Codec, seq: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(2)
-    return encode_block(codec, {k: torch.randn(s) for k, s in SHAPES.items()}, seq)
+    return encode_block(codec, {k: torch.randn(s) for k, s in SHAPES.items()}.items(), seq)
 
 
 def altered(payload: dict[str, torch.Tensor], key: str, value: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -81,9 +81,8 @@ class PublicCopies:
             self.own = [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.shapes.values()]
         codec = self.settings.codec_at(self.sent)
         with torch.no_grad():
-            differences = {n: v.float() - c for n, v, c in zip(self.shapes, values, self.own)}
+            differences = ((n, v.float() - c) for n, v, c in zip(self.shapes, values, self.own))
             payload = encode_block(codec, differences, self.sent)
-            del differences
             add_block(codec, dict(zip(self.shapes, self.own)), payload)
         self.sent += 1
         return payload

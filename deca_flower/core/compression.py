@@ -25,7 +25,7 @@ indices; every node that holds a copy of a neighbour's public block holds the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +138,11 @@ def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 # -- block payloads -------------------------------------------------------------------------------
 
-def encode_block(codec: Codec, differences: Mapping[str, torch.Tensor], seq: int) -> dict[str, torch.Tensor]:
-    """The payload of a block: per tensor name, the header and the parts of C(difference)."""
+def encode_block(codec: Codec, differences: Iterable[tuple[str, torch.Tensor]], seq: int) -> dict[str, torch.Tensor]:
+    """The payload of a block: per (tensor name, fp32 difference), the header and the parts of
+    C(difference). A generator of differences keeps one tensor's difference alive at a time."""
     payload = {}
-    for name, x in differences.items():
+    for name, x in differences:
         payload[f"{name}/{HEADER}"] = torch.tensor([CODEC_IDS[codec.name], x.numel(), codec.param(x.shape), seq],
                                                    dtype=torch.int64)
         payload.update({f"{name}/{part}": t for part, t in codec.encode(x).items()})
