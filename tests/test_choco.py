@@ -235,6 +235,34 @@ def test_reference_with_lr_zero_keeps_the_network_average(tiny_cfg, compression)
         assert float((a - a.mean(0)).abs().max()) < float((b - b.mean(0)).abs().max())
 
 
+def test_bma_folds_what_the_node_mixed_on_the_public_copies(tiny_cfg):
+    cfg = tiny_cfg.replace(num_nodes=3, topology="complete", compression="int4", bma="full")
+    nodes = [rt.node for rt in build_nodes(cfg)]
+    weights = {0: {"node 1": 1 / 3, "node 2": 1 / 3}, 1: {"node 0": 1 / 3, "node 2": 1 / 3},
+               2: {"node 0": 1 / 3, "node 1": 1 / 3}}
+    for node in nodes:
+        node.start_block(1)
+    for _ in range(2):  # the first exchange only fills the copies; the second is mixed
+        for node in nodes:
+            node.local_step()
+        payloads = [node.publish() for node in nodes]
+        for i, node in enumerate(nodes):
+            for sender in weights[i]:
+                node.receive(sender, payloads[int(sender[-1])])
+        node = nodes[0]
+        half = [m.detach().clone() for m in node.active.masters]
+        mixed = node.public.mixed(node.active.masters, weights[0])
+        h = node.optimizer.consensus_signal(mixed)
+        m_before = [node.optimizer.adam.state[m]["exp_avg"].clone() for m in node.active.masters]
+        for i, other in enumerate(nodes):
+            other.apply_public_mix(weights[i])
+    b1 = cfg.bma_beta1
+    assert not all(torch.equal(a, b) for a, b in zip(half, mixed))  # the neighbours moved it
+    for master, value, before, signal in zip(node.active.masters, mixed, m_before, h):
+        assert torch.equal(master.detach(), value)
+        torch.testing.assert_close(node.optimizer.adam.state[master]["exp_avg"], b1 * before + (1 - b1) * signal)
+
+
 @pytest.mark.parametrize("compression", ["int8", "topk"])
 def test_plan_predicts_the_public_copies_and_the_bytes_the_oracle_measures(tiny_cfg, compression):
     from deca_flower.plan import make_plan

@@ -62,7 +62,7 @@ class Codec:
         """Elements per scale (int8, int4; at most numel) or k (topk) for a tensor of `shape`."""
         numel = math.prod(shape)
         if self.name == "topk":
-            return max(1, math.ceil(self.fraction * numel))
+            return min(numel, max(1, math.ceil(self.fraction * numel)))
         chunk = self.chunk or (shape[-1] if len(shape) else 1)
         return max(1, min(chunk, numel))
 
@@ -108,8 +108,9 @@ class Codec:
         q = parts["q"].to(copy.device)
         q = q if self.name == "int8" else _unpack_nibbles(q, flat.numel())
         for start, rows, length in _row_groups(flat.numel(), chunk):
-            delta = q[start:start + rows * length].view(rows, length).float() * scale[start // chunk:start // chunk + rows, None]
-            flat[start:start + rows * length].view(rows, length).add_(delta)
+            end, first = start + rows * length, start // chunk
+            delta = q[start:end].reshape(rows, length).float() * scale[first:first + rows, None]
+            flat[start:end].view(rows, length).add_(delta)
 
 
 def _row_groups(numel: int, chunk: int) -> Iterator[tuple[int, int, int]]:

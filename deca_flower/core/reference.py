@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from deca_flower.core.gossip import FLOAT64_SLICE, public_mix
+from deca_flower.core.gossip import FLOAT64_SLICE
 from deca_flower.core.node import DecaNode
 from deca_flower.core.schedule import Visit
 from deca_flower.core.topology import neighbours
@@ -114,7 +114,7 @@ def mix_public_fast(nodes: list[DecaNode], weights: np.ndarray) -> None:
         node.publish()
     for i, node in enumerate(nodes):
         others = [(w, nodes[j].public.own) for j, w in neighbours(weights, i).items()]
-        node.apply_mixed(public_mix(node.active.masters, node.public.own, node.choco.gamma, others))
+        node.apply_mixed(node.public.mixed_with(node.active.masters, others))
 
 
 def consensus_distance(blocks: list[dict[str, torch.Tensor]]) -> float:
