@@ -7,7 +7,8 @@ copies of the ACTIVE block, zero when the visit starts and dropped with it. Per 
     half_i = Adam step on theta_i                          node.local_step()
     q_i    = C(half_i - x_hat_i);   x_hat_i += q_i         publish(): q_i goes to every neighbour
     x_hat_j += q_j                                         receive(): per neighbour, checked first
-    theta_i = half_i + gamma * sum_j W_ij (x_hat_j - x_hat_i)      mixed(), then BMA folds theta_i
+    theta_i = half_i + gamma * sum_j W_ij (x_hat_j - x_hat_i)      mixed() (from the second exchange
+                                                                   of a visit on), then BMA folds theta_i
 
 Every holder of x_hat_j starts from zero and adds the same decoded q_j (compression.py decodes
 bit for bit alike everywhere), so all copies of x_hat_j are equal; with W symmetric the mix terms
@@ -19,15 +20,17 @@ of 11 % and 73 % of the weights in the copies, int8 0.6 % (bench/compression_cod
 
 The consensus step size gamma must shrink with the share of the change that C keeps (the paper's
 gamma ~ delta). Measured with gossip alone on 5 nodes (bench/compression_codecs.py): int8 and int4
-reach consensus as fast as uncompressed gossip at gamma = 1; top-k with fraction 0.1 diverges at
-gamma >= 0.6 and converges at 0.2, fraction 0.25 at 0.6 but not at 0.8. default_gamma takes
+at gamma = 1 reach consensus one step behind uncompressed gossip; top-k with fraction 0.1 diverges
+at gamma >= 0.6 and converges at 0.2, fraction 0.25 at 0.6 but not at 0.8. default_gamma takes
 2 x fraction for top-k.
 
-The first exchange of a visit only fills the copies, and the nodes mix from the second on: the
-int8 error of whole weights, mixed in, would be disagreement 50 times what the Adam steps make
-(SmolLM2's top block, 4 nodes: consensus distance 1.64 after the first step against 0.033
-uncompressed, bench/compression_visit.py); after it the copies are off by the codec's error of
-one step's change.
+The first exchange of a visit only fills the copies; nodes mix from the second on. Mixed in, the
+int8 error of whole weights is disagreement 50 times what the Adam steps make (SmolLM2's top
+block, 4 nodes, bench/compression_visit.py: consensus distance 1.64 after the first step, 0.033
+uncompressed, 0.128 not mixed); it fades within two steps either way (0.087 and 0.089 after the
+visit's 6 steps), and not mixing keeps it out of BMA's moments. Top-k cannot clear that int8
+error (a tenth of the entries per step, where the error and the Adam steps touch every entry): on
+the same visit its nodes drift apart (0.128 -> 1.44 over the 6 steps at gamma 0.2, 2.74 at 1).
 
 A neighbour whose payload was refused has a copy that misses that q_j for good: it stays out of
 this node's mix until the next visit starts everyone's copies afresh.
