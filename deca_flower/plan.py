@@ -7,10 +7,12 @@ for P parameters, the active block's b parameters, w bytes per weight (4 on CPU,
     DECA optimizer + grads  = b * (4 fp32 grad + 8 Adam moments [+ 4 fp32 master if bf16]
                                    [+ 8 moment copies for bma=trivial]); BMA keeps no theta copy
     full Adam               = P * (4 fp32 grad + 8 moments [+ 4 fp32 master if bf16])
-    bytes per exchange      = b * w * degree (each neighbour gets the half-step block once)
+    bytes per exchange      = the packed record of the half-step block (b * w and its manifest)
+                              * degree (each neighbour gets it once): what the relay counts
     compressed gossip       = per visit, one int8 payload and R - 1 of the codec (compression.py's
-                              layout: scales, indices, headers), times the degree; public copies:
-                              (max degree + 1) * b * 4 (fp32 copies of the largest block)
+                              layout: scales, indices, headers; packed as the relay counts them),
+                              times the degree; public copies: (max degree + 1) * b * 4 (fp32
+                              copies of the largest block)
     FedAvg                  = 2 * P * 4 per round (model down and up, fp32: ArrayRecord has no bf16),
                               T * B rounds of R steps
 """
@@ -25,8 +27,10 @@ import torch
 from deca_flower.config import DecaConfig
 from deca_flower.core.blocks import Block, partition_blocks
 from deca_flower.core.choco import ChocoSettings
-from deca_flower.core.compression import Codec, payload_layout
+from deca_flower.core.compression import Codec
 from deca_flower.core.topology import build_graph
+from deca_flower.protocol.packing import packed_size
+from deca_flower.protocol.tensors import payload_wire_bytes
 
 
 @dataclass
@@ -77,7 +81,9 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
     graph = build_graph(cfg.topology, cfg.num_nodes, seed=cfg.seed, edge_prob=cfg.edge_prob)
     degree = 2 * graph.number_of_edges() / cfg.num_nodes
     steps_per_visit = cfg.steps_per_block
-    uncompressed_visit = [size * w * steps_per_visit for size in sizes]
+    wire_dtype = "bfloat16" if bf16 else "float32"
+    uncompressed_visit = [packed_size([(n, wire_dtype, shapes[n]) for n in b.param_names]) * steps_per_visit
+                          for b in blocks]
     sent_visit, copies = uncompressed_visit, 0
     if cfg.compression != "none":
         choco = ChocoSettings(Codec(cfg.compression, cfg.compression_chunk, cfg.compression_fraction))
@@ -99,8 +105,7 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
 
 
 def _payload_bytes(codec: Codec, block: Block, shapes: dict[str, tuple[int, ...]]) -> int:
-    layout = payload_layout(codec, {n: shapes[n] for n in block.param_names})
-    return sum(count * torch.empty(0, dtype=dtype).element_size() for dtype, count in layout.values())
+    return payload_wire_bytes(codec, {n: shapes[n] for n in block.param_names})
 
 
 def format_plan(plan: Plan) -> str:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deca_flower.core.compression import Codec, add_block, check_payload, encode_block
+from deca_flower.core.compression import Codec, add_block, check_payload, encode_block, payload_layout
 from deca_flower.core.gossip import BlockError, check_block, public_mix
 
 
@@ -84,6 +84,10 @@ class PublicCopies:
         self.received: dict[str, int] = {}         # payloads taken per neighbour
         self.out_of_sync: set[str] = set()         # neighbours whose copy missed a payload
 
+    def layout(self, seq: int) -> dict[str, tuple[torch.dtype, int]]:
+        """Key -> (dtype, elements) of payload number `seq` of this block, in the order encode_block makes them."""
+        return payload_layout(self.settings.codec_at(seq), self.shapes)
+
     def publish(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """q = C(values - x_hat_own) as a payload; x_hat_own += q (decoded, as every receiver does)."""
         if not self.own:
@@ -101,9 +105,7 @@ class PublicCopies:
         """x_hat_sender += q, after check_payload; with `own` (this node's fp32 block) the updated
         copy must be finite and, with max_deviation > 0, that close to it (gossip.check_block).
         A refused payload leaves the sender out of sync (and out of the mix) for the rest of the visit."""
-        if sender in self.out_of_sync:
-            raise BlockError(f"{sender}'s public copy missed a payload earlier in this visit; it stays out of the "
-                             "mix until the next block")
+        self.require_in_sync(sender)
         seq = self.received.get(sender, 0)
         codec = self.settings.codec_at(seq)
         try:
@@ -114,11 +116,22 @@ class PublicCopies:
             if own is not None:
                 check_block(dict(zip(self.shapes, copy)), own, sender, max_deviation)
         except BlockError:
-            self.forget(sender)
-            self.out_of_sync.add(sender)
+            self.refused(sender)
             raise
         self.copies[sender] = copy
         self.received[sender] = seq + 1
+
+    def require_in_sync(self, sender: str) -> None:
+        """Raise BlockError if a payload of `sender` was refused earlier in this visit."""
+        if sender in self.out_of_sync:
+            raise BlockError(f"{sender}'s public copy missed a payload earlier in this visit; it stays out of the "
+                             "mix until the next block")
+
+    def refused(self, sender: str) -> None:
+        """A payload of `sender` was refused (here, or before it reached receive): its copy missed
+        it, so the sender stays out of the mix for the rest of the visit."""
+        self.forget(sender)
+        self.out_of_sync.add(sender)
 
     def forget(self, sender: str) -> None:
         """Drop a neighbour's copy (it left the graph, or its copy is out of sync)."""

@@ -177,7 +177,7 @@ class DecaNode:
         naming `sender` (malformed payload; a copy that is not finite or, max_deviation > 0, too far
         from this node's block)."""
         public, masters = self._require_public(), self._require_active()[0].masters
-        public.receive(sender, payload, dict(zip(public.shapes, masters)), max_deviation)
+        public.receive(sender, payload, {n: m.detach() for n, m in zip(public.shapes, masters)}, max_deviation)
         self.peak_public_bytes = max(self.peak_public_bytes, public.nbytes())
 
     def apply_public_mix(self, weights: dict[str, float]) -> None:
