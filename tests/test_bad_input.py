@@ -220,6 +220,11 @@ def _header_numel(payload):
     payload[next(k for k in payload if k.endswith("/header"))][1] += 1
 
 
+def _header_as_matrix(payload):
+    key = next(k for k in payload if k.endswith("/header"))
+    payload[key] = payload[key].reshape(2, 2)
+
+
 def _index_out_of_range(payload):
     key = next(k for k in payload if k.endswith("/index"))
     payload[key][-1] = payload[key.replace("/index", "/header")][1]  # = numel
@@ -227,9 +232,10 @@ def _index_out_of_range(payload):
 
 @pytest.mark.parametrize(("compression", "corrupt", "message"), [
     ("int8", _nan_scale, "has a NaN, Inf, negative or overflowing scale"),
-    ("int4", _short_q, r"'[^']+/q' is \d+ torch.uint8; its header .* means \d+ torch.uint8"),
+    ("int4", _short_q, r"'[^']+/q' is torch.uint8 of shape \(\d+,\); its header .* means torch.uint8 of shape \(\d+,\)"),
     ("int8", _header_numel, "header says"),
     ("topk", _index_out_of_range, "top-k indices out of range"),
+    ("int8", _header_as_matrix, r"header of shape \(2, 2\)"),
     ("int8", None, "expected one 'block' array of stype deca-compressed-v1"),  # an uncompressed half instead
 ])
 @pytest.mark.parametrize("on_bad_block", ["stop", "exclude"])

@@ -144,6 +144,9 @@ def index_with(position: int, value: int) -> torch.Tensor:
     (TOPK, altered(PK, "w/index", index_with(1, int(PK["w/index"][2]))), "strictly increasing"),
     (TOPK, altered(PK, "w/value", PK["w/value"][:11]), "its header"),
     (TOPK, altered(PK, "b/value", torch.tensor([1.0, float("nan"), 0.0])), "NaN"),
+    (INT8, altered(P8, "w/header", P8["w/header"].reshape(2, 2)), r"header of shape \(2, 2\)"),
+    (INT8, altered(P8, "w/scale", P8["w/scale"].reshape(6, 1)), r"shape \(6, 1\)"),      # would broadcast rows x rows
+    (TOPK, altered(PK, "w/index", index_with(1, int(PK["w/index"][2])).reshape(1, 12)), r"shape \(1, 12\)"),  # a duplicate
 ])
 def test_malformed_payloads_are_refused_naming_the_sender(codec, payload, message):
     with pytest.raises(BlockError, match=message) as info:

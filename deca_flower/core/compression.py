@@ -11,8 +11,8 @@ Per tensor of the block (x: the fp32 difference to send, flattened):
 
 plus a header, int64 [codec id, numel, chunk or k, seq] (seq: the payload's number in the visit).
 A payload is a flat dict "<tensor name>/<part>" -> tensor, parts in the order above after
-"header", so the Flower side can pack it like any block. Every part's dtype and size follows
-from (codec, numel) alone: check_payload compares the header and each size with what the
+"header", so the Flower side can pack it like any block. Every part is 1-D, and its dtype and size
+follow from (codec, numel) alone: check_payload compares the header and each shape with what the
 receiver's own block predicts before anything is decoded or allocated from the payload.
 
 Decoding is deterministic on every device: q * scale is one rounded product per element, added
@@ -168,8 +168,10 @@ def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
 def check_payload(payload: Mapping[str, torch.Tensor], codec: Codec, shapes: Mapping[str, Sequence[int]], seq: int,
                   sender: str) -> None:
     """Raise BlockError, naming `sender`, unless the payload is exactly what a block of `shapes`
-    compressed by `codec` as payload number `seq` gives: the keys, each header, the dtype and size
-    of each part (all known before decoding), finite scales and values, top-k indices in range."""
+    compressed by `codec` as payload number `seq` gives: the keys, each header, the dtype and 1-D
+    shape of each part (all known before decoding), finite scales and values, top-k indices in range.
+    Shapes come from the sender's manifest, so every part's is checked, not only its size: a scale
+    of shape [n, 1] would broadcast against the quantised rows into an n x n temporary."""
     layout = payload_layout(codec, shapes)
     missing, extra = sorted(set(layout) - set(payload)), sorted(set(payload) - set(layout))
     if missing or extra:
@@ -177,9 +179,9 @@ def check_payload(payload: Mapping[str, torch.Tensor], codec: Codec, shapes: Map
     for name, shape in shapes.items():
         numel, param = math.prod(shape), codec.param(shape)
         header = payload[f"{name}/{HEADER}"]
-        if header.dtype != torch.int64 or header.numel() != len(HEADER_FIELDS):
-            raise BlockError(f"compressed block from {sender}: '{name}' has a header of {header.numel()} "
-                             f"{header.dtype}, expected {len(HEADER_FIELDS)} int64 ({', '.join(HEADER_FIELDS)})")
+        if header.dtype != torch.int64 or tuple(header.shape) != (len(HEADER_FIELDS),):
+            raise BlockError(f"compressed block from {sender}: '{name}' has a header of shape {tuple(header.shape)} "
+                             f"{header.dtype}, expected ({len(HEADER_FIELDS)},) int64 ({', '.join(HEADER_FIELDS)})")
         expected = (CODEC_IDS[codec.name], numel, param, seq)
         got = tuple(int(v) for v in header)
         if got != expected:
@@ -187,9 +189,10 @@ def check_payload(payload: Mapping[str, torch.Tensor], codec: Codec, shapes: Map
                              f"{dict(zip(HEADER_FIELDS, got))}, expected {dict(zip(HEADER_FIELDS, expected))}")
         for part, (dtype, count) in codec.layout(shape).items():
             tensor = payload[f"{name}/{part}"]
-            if tensor.dtype != dtype or tensor.numel() != count:
-                raise BlockError(f"compressed block from {sender}: '{name}/{part}' is {tensor.numel()} {tensor.dtype}; "
-                                 f"its header (numel {numel}, {codec.name}) means {count} {dtype}")
+            if tensor.dtype != dtype or tuple(tensor.shape) != (count,):  # 1-D: decoding indexes it as flat
+                raise BlockError(f"compressed block from {sender}: '{name}/{part}' is {tensor.dtype} of shape "
+                                 f"{tuple(tensor.shape)}; its header (numel {numel}, {codec.name}) means {dtype} of "
+                                 f"shape ({count},)")
         _check_values(codec, {part: payload[f"{name}/{part}"] for part in PARTS[codec.name]}, numel, f"'{name}'", sender)
 
 
