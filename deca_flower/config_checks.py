@@ -100,6 +100,9 @@ def problems(cfg: Any) -> list[str]:
     if ok("compression", "method") and cfg.compression != "none" and cfg.method == "fedavg":
         out.append(f"compression='{cfg.compression}' compresses gossip; method='fedavg' sends models to Flower's "
                    "FedAvg strategy uncompressed")
+    if ok("compression", "steps_per_block") and cfg.compression != "none" and cfg.steps_per_block < 2:
+        out.append(f"compression='{cfg.compression}' needs steps-per-block >= 2, got {cfg.steps_per_block}: the first "
+                   "exchange of a visit only fills the public copies, so with one step per visit no node would ever mix")
     if ok("edge_prob") and not 0.0 < cfg.edge_prob <= 1.0:
         refuse("edge_prob", f"edge-prob must be in (0, 1], got {cfg.edge_prob}")
     if ok("test_fraction") and not 0.0 < cfg.test_fraction < 1.0:

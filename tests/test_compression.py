@@ -166,6 +166,8 @@ def test_a_good_payload_passes():
     ({"compression_fraction": 1.5}, r"compression-fraction must be in \(0, 1\]"),
     ({"consensus_step_size": 1.5}, r"consensus-step-size must be in \[0, 1\]"),
     ({"compression": "int8", "method": "fedavg"}, "method='fedavg' sends models"),
+    ({"compression": "int4", "steps_per_block": 1},
+     "compression='int4' needs steps-per-block >= 2, got 1: the first exchange of a visit only fills the public copies"),
 ])
 def test_compression_config_is_checked(changes, message):
     from deca_flower.config import ConfigError, DecaConfig
