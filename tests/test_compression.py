@@ -115,8 +115,15 @@ def altered(payload: dict[str, torch.Tensor], key: str, value: torch.Tensor | No
 
 
 INT8 = Codec("int8", 4)
+INT4 = Codec("int4", 4)
 TOPK = Codec("topk", fraction=0.5)
-P8, PK = good_payload(INT8), good_payload(TOPK)
+P8, P4, PK = good_payload(INT8), good_payload(INT4), good_payload(TOPK)
+
+
+def q_with(payload: dict[str, torch.Tensor], key: str, position: int, value: int) -> torch.Tensor:
+    q = payload[key].clone()
+    q[position] = value
+    return q
 
 
 def index_with(position: int, value: int) -> torch.Tensor:
@@ -144,6 +151,10 @@ def index_with(position: int, value: int) -> torch.Tensor:
     (TOPK, altered(PK, "w/index", index_with(1, int(PK["w/index"][2]))), "strictly increasing"),
     (TOPK, altered(PK, "w/value", PK["w/value"][:11]), "its header"),
     (TOPK, altered(PK, "b/value", torch.tensor([1.0, float("nan"), 0.0])), "NaN"),
+    (INT8, altered(P8, "w/q", q_with(P8, "w/q", 3, -128)), r"quantised values outside \[-127, 127\]"),
+    (INT4, altered(P4, "w/q", q_with(P4, "w/q", 3, 0x70)), r"nibble 0"),             # low nibble 0: q = -8
+    (INT4, altered(P4, "w/q", q_with(P4, "w/q", 3, 0x07)), r"nibble 0"),             # high nibble 0
+    (INT4, altered(P4, "b/q", q_with(P4, "b/q", 2, int(P4["b/q"][2]) & 15)), "padding nibble"),  # b: 5 values, 1 pad
     (INT8, altered(P8, "w/header", P8["w/header"].reshape(2, 2)), r"header of shape \(2, 2\)"),
     (INT8, altered(P8, "w/scale", P8["w/scale"].reshape(6, 1)), r"shape \(6, 1\)"),      # would broadcast rows x rows
     (TOPK, altered(PK, "w/index", index_with(1, int(PK["w/index"][2])).reshape(1, 12)), r"shape \(1, 12\)"),  # a duplicate
@@ -156,6 +167,7 @@ def test_malformed_payloads_are_refused_naming_the_sender(codec, payload, messag
 
 def test_a_good_payload_passes():
     check_payload(P8, INT8, SHAPES, 0, "node 7")
+    check_payload(P4, INT4, SHAPES, 0, "node 7")
     check_payload(PK, TOPK, SHAPES, 0, "node 7")
 
 

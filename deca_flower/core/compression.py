@@ -169,7 +169,8 @@ def check_payload(payload: Mapping[str, torch.Tensor], codec: Codec, shapes: Map
                   sender: str) -> None:
     """Raise BlockError, naming `sender`, unless the payload is exactly what a block of `shapes`
     compressed by `codec` as payload number `seq` gives: the keys, each header, the dtype and 1-D
-    shape of each part (all known before decoding), finite scales and values, top-k indices in range.
+    shape of each part (all known before decoding), finite scales and values, quantised values in [-L, L]
+    (int4: padding nibble 8), top-k indices in range.
     Shapes come from the sender's manifest, so every part's is checked, not only its size: a scale
     of shape [n, 1] would broadcast against the quantised rows into an n x n temporary."""
     layout = payload_layout(codec, shapes)
@@ -205,7 +206,15 @@ def _check_values(codec: Codec, parts: Mapping[str, torch.Tensor], numel: int, w
         if not bool(torch.isfinite(parts["value"]).all()):
             raise BlockError(f"compressed block from {sender}: {what} has NaN or Inf values")
         return
-    scale = parts["scale"]
+    scale, q, levels = parts["scale"], parts["q"], LEVELS[codec.name]
     # finite, >= 0, and small enough that L * scale stays finite (NaN fails every comparison)
-    if not bool(((scale >= 0) & (scale <= FLOAT32_MAX / LEVELS[codec.name])).all()):
+    if not bool(((scale >= 0) & (scale <= FLOAT32_MAX / levels)).all()):
         raise BlockError(f"compressed block from {sender}: {what} has a NaN, Inf, negative or overflowing scale")
+    # q in [-L, L], so q * scale stays finite too: int8 -128, and int4's nibble 0 (-8), are never sent
+    if codec.name == "int8" and bool((q == -levels - 1).any()):
+        raise BlockError(f"compressed block from {sender}: {what} has quantised values outside [-{levels}, {levels}]")
+    if codec.name == "int4":
+        if numel % 2 and int(q[-1]) >> 4 != 8:
+            raise BlockError(f"compressed block from {sender}: {what} has a padding nibble of {int(q[-1]) >> 4}, not 8")
+        if bool(((q & 15) == 0).any()) or bool(((q >> 4) == 0).any()):
+            raise BlockError(f"compressed block from {sender}: {what} has a nibble 0 (q = -8, outside [-{levels}, {levels}])")
