@@ -29,7 +29,6 @@ from torch import nn
 
 from deca_flower.core.blocks import ActiveBlock, Block
 from deca_flower.core.choco import ChocoSettings, PublicCopies
-from deca_flower.core.compression import payload_bytes
 from deca_flower.core.gossip import check_block, mix
 from deca_flower.core.optimizer import BlockAdam
 
@@ -88,7 +87,6 @@ class DecaNode:
         self.choco = choco  # None: uncompressed gossip
         self.public: PublicCopies | None = None  # compressed gossip: the active block's public copies
         self.peak_public_bytes = 0  # the public copies, measured
-        self.payload_bytes_sent = 0  # compressed payloads published (each goes to every neighbour)
 
     @property
     def active_index(self) -> int | None:
@@ -169,7 +167,6 @@ class DecaNode:
         neighbour (plain tensors, compression.py); the own copy takes q."""
         payload = self._require_public().publish(self._require_active()[0].masters)
         self.peak_public_bytes = max(self.peak_public_bytes, self.public.nbytes())
-        self.payload_bytes_sent += payload_bytes(payload)
         return payload
 
     def receive(self, sender: str, payload: dict[str, torch.Tensor], max_deviation: float = 0.0) -> None:
