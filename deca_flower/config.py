@@ -80,7 +80,9 @@ class DecaConfig:
     lora_alpha: float = 16.0
     """Dec-LoRA scaling alpha."""
     on_bad_block: str = "stop"
-    """A neighbour block that fails validation: stop the run, or exclude it for this step and go on."""
+    """A neighbour block that fails validation: stop the run, or exclude it for this step and go on (with
+    compression: for the rest of the visit, while the sender still mixes with this node, so the network
+    average is not kept until the next block)."""
     secure_gossip: bool = False
     """Encrypt and authenticate blocks per neighbour pair (X25519 + AES-GCM): the relay sees ciphertext."""
     trusted_keys: str = ""

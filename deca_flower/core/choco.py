@@ -33,7 +33,10 @@ error (a tenth of the entries per step, where the error and the Adam steps touch
 the same visit its nodes drift apart (0.128 -> 1.44 over the 6 steps at gamma 0.2, 2.74 at 1).
 
 A neighbour whose payload was refused has a copy that misses that q_j for good: it stays out of
-this node's mix until the next visit starts everyone's copies afresh.
+this node's mix until the next visit starts everyone's copies afresh. The sender is not told and
+keeps mixing with this node, so the pair's terms W_ij (x_hat_j - x_hat_i) no longer cancel: the
+network average is not kept for the rest of that visit (on-bad-block=exclude; uncompressed gossip
+loses it for the one step).
 
     exercised by: pytest tests/test_choco.py
 """
