@@ -100,6 +100,9 @@ def problems(cfg: Any) -> list[str]:
     if ok("compression", "method") and cfg.compression != "none" and cfg.method == "fedavg":
         out.append(f"compression='{cfg.compression}' compresses gossip; method='fedavg' sends models to Flower's "
                    "FedAvg strategy uncompressed")
+    if ok("compression", "consensus_step_size") and cfg.compression == "none" and cfg.consensus_step_size:
+        out.append(f"consensus-step-size={cfg.consensus_step_size} is for compressed gossip; compression='none' mixes "
+                   "with the weights W as they are (set compression, or leave consensus-step-size at 0)")
     if ok("compression", "steps_per_block") and cfg.compression != "none" and cfg.steps_per_block < 2:
         out.append(f"compression='{cfg.compression}' needs steps-per-block >= 2, got {cfg.steps_per_block}: the first "
                    "exchange of a visit only fills the public copies, so with one step per visit no node would ever mix")

@@ -66,7 +66,7 @@ class Coordinator:
     """
 
     def __init__(self, membership: Membership, writer: RunWriter, *, rounds: int, block_order: str, seed: int,
-                 secure_gossip: bool, headline: tuple[str, str], compressed: bool = False) -> None:
+                 secure_gossip: bool, compressed: bool, headline: tuple[str, str]) -> None:
         self.membership, self.writer = membership, writer
         self.rounds, self.block_order, self.seed = rounds, block_order, seed
         self.secure_gossip, self.headline, self.compressed = secure_gossip, headline, compressed
