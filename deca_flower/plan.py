@@ -12,7 +12,9 @@ for P parameters, the active block's b parameters, w bytes per weight (4 on CPU,
     compressed gossip       = per visit, one int8 payload and R - 1 of the codec (compression.py's
                               layout: scales, indices, headers; packed as the relay counts them),
                               times the degree; public copies: (max degree + 1) * b * 4 (fp32
-                              copies of the largest block)
+                              copies of the largest block). Not counted: the transients of one
+                              tensor at a time while publishing and decoding: its fp32 difference
+                              to the own copy (largest tensor x 4), int4 unpacking (x 3 more)
     FedAvg                  = 2 * P * 4 per round (model down and up, fp32: ArrayRecord has no bf16),
                               T * B rounds of R steps
 """

@@ -137,7 +137,8 @@ class PublicCopies:
         self.out_of_sync.add(sender)
 
     def forget(self, sender: str) -> None:
-        """Drop a neighbour's copy (it left the graph, or its copy is out of sync)."""
+        """Drop a neighbour's copy and its payload count (refused() does; a caller may for a neighbour
+        that left the graph, else its copy stays allocated until the visit ends)."""
         self.copies.pop(sender, None)
         self.received.pop(sender, None)
 

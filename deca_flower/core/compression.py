@@ -33,7 +33,9 @@ import torch
 from deca_flower.core.conventions import COMPRESSIONS
 from deca_flower.core.gossip import BlockError
 
-SLICE = 1 << 20  # elements quantised at a time: bounds the temporaries of a 28M-element embedding to a few MiB
+# elements quantised or decoded at a time: bounds the per-chunk temporaries (a few MiB); int4's packing
+# and unpacking still copy a whole tensor, as does the fp32 difference PublicCopies.publish encodes
+SLICE = 1 << 20
 LEVELS = {"int8": 127, "int4": 7}
 CODEC_IDS = {name: i for i, name in enumerate(COMPRESSIONS)}  # header value; "none" (0) never travels
 PARTS = {"int8": ("scale", "q"), "int4": ("scale", "q"), "topk": ("index", "value")}
