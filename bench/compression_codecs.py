@@ -33,12 +33,6 @@ CODECS = [Codec("int8", 0), Codec("int8", 64), Codec("int8", 256), Codec("int4",
 LR = 1e-4
 
 
-def label(codec: Codec) -> str:
-    if codec.name == "topk":
-        return f"topk {codec.fraction:g}"
-    return f"{codec.name} " + (f"chunk {codec.chunk}" if codec.chunk else "per row")
-
-
 def relative_error(codec: Codec, block: dict[str, torch.Tensor]) -> float:
     copies = {k: torch.zeros_like(v) for k, v in block.items()}
     add_block(codec, copies, encode_block(codec, block.items(), 0))
@@ -55,7 +49,7 @@ def codec_table(blocks: dict[str, dict[str, torch.Tensor]]) -> None:
         fp32 = sum(v.numel() * 4 for v in block.values())
         for codec in CODECS:
             payload = encode_block(codec, block.items(), 0)
-            print(f"| {name} | {label(codec)} | {fp32 / payload_bytes(payload):.2f} | {relative_error(codec, block):.4f} "
+            print(f"| {name} | {codec} | {fp32 / payload_bytes(payload):.2f} | {relative_error(codec, block):.4f} "
                   f"| {relative_error(codec, step):.4f} |")
 
 
@@ -97,7 +91,7 @@ def consensus_table() -> None:
     print("| none | - | " + " | ".join(f"{x:.2e}" for x in consensus(None)) + " |")
     for codec in (Codec("int8", 64), Codec("int4", 64), Codec("topk", fraction=0.1), Codec("topk", fraction=0.25)):
         for gamma in (1.0, 0.8, 0.6, 0.4, 0.2):
-            print(f"| {label(codec)} | {gamma} | " + " | ".join(f"{x:.2e}" for x in consensus(codec, gamma)) + " |")
+            print(f"| {codec} | {gamma} | " + " | ".join(f"{x:.2e}" for x in consensus(codec, gamma)) + " |")
 
 
 def main() -> None:

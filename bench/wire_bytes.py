@@ -92,8 +92,7 @@ def main() -> None:
           "| x fewer bytes per step |")
     print("|---|---|---|---|---|---|---|")
     for name, codec, wire, first, later, per_step in compressed_rows:
-        label = f"topk {codec.fraction:g}" if codec.name == "topk" else f"{codec.name} chunk {codec.chunk}"
-        print(f"| {name} | {label} | {wire:,} | {first:,} | {later:,} | {per_step:,.0f} | {wire / per_step:.2f} |")
+        print(f"| {name} | {codec} | {wire:,} | {first:,} | {later:,} | {per_step:,.0f} | {wire / per_step:.2f} |")
     print()
     for codec in (None, *CODECS):
         plan = make_plan(cfg.replace(compression=codec.name) if codec else cfg, model=model)

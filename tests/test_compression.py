@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from deca_flower.core.compression import Codec, add_block, check_payload, encode_block, payload_bytes, payload_layout
+from deca_flower.core.compression import (
+    Codec,
+    add_block,
+    check_payload,
+    encode_block,
+    layout_bytes,
+    payload_bytes,
+    payload_layout,
+)
 from deca_flower.core.gossip import BlockError
 
 
@@ -55,7 +63,7 @@ def test_payload_sizes_follow_the_layout(codec):
     layout = payload_layout(codec, {k: v.shape for k, v in block.items()})
     assert list(payload) == list(layout)
     assert {k: (t.dtype, t.numel()) for k, t in payload.items()} == layout
-    assert payload_bytes(payload) == sum(n * torch.empty(0, dtype=d).element_size() for d, n in layout.values())
+    assert payload_bytes(payload) == layout_bytes(codec, {k: v.shape for k, v in block.items()})
     assert payload["w/header"].tolist()[1:] == [33 * 70, codec.param((33, 70)), 3]
 
 

@@ -94,7 +94,7 @@ class PublicCopies:
     def publish(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """q = C(values - x_hat_own) as a payload; x_hat_own += q (decoded, as every receiver does)."""
         if not self.own:
-            self.own = [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.shapes.values()]
+            self.own = self._zeros()
         codec = self.settings.codec_at(self.sent)
         with torch.no_grad():
             differences = ((n, v.float() - c) for n, v, c in zip(self.shapes, values, self.own))
@@ -113,8 +113,7 @@ class PublicCopies:
         codec = self.settings.codec_at(seq)
         try:
             check_payload(payload, codec, self.shapes, seq, sender)
-            copy = self.copies.get(sender) or [torch.zeros(s, dtype=torch.float32, device=self.device)
-                                               for s in self.shapes.values()]
+            copy = self.copies.get(sender) or self._zeros()
             add_block(codec, dict(zip(self.shapes, copy)), {k: v.to(self.device) for k, v in payload.items()})
             if own is not None:
                 check_block(dict(zip(self.shapes, copy)), own, sender, max_deviation)
@@ -159,6 +158,9 @@ class PublicCopies:
         if self.sent == 1:
             return [t.detach().float().clone() for t in half]
         return public_mix(list(half), self.own, self.settings.gamma, others)
+
+    def _zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.shapes.values()]
 
     def nbytes(self) -> int:
         """Bytes held by the copies now."""

@@ -60,6 +60,11 @@ class Codec:
         if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1):
             raise ValueError(f"top-k fraction must be in (0, 1], got {self.fraction!r}")
 
+    def __str__(self) -> str:
+        if self.name == "topk":
+            return f"topk {self.fraction:g}"
+        return f"{self.name} " + (f"chunk {self.chunk}" if self.chunk else "per row")
+
     def param(self, shape: Sequence[int]) -> int:
         """Elements per scale (int8, int4; at most numel) or k (topk) for a tensor of `shape`."""
         numel = math.prod(shape)
@@ -165,6 +170,11 @@ def payload_layout(codec: Codec, shapes: Mapping[str, Sequence[int]]) -> dict[st
 
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def layout_bytes(codec: Codec, shapes: Mapping[str, Sequence[int]]) -> int:
+    """payload_bytes of a payload of a block of `shapes`, without encoding it."""
+    return sum(count * dtype.itemsize for dtype, count in payload_layout(codec, shapes).values())
 
 
 def check_payload(payload: Mapping[str, torch.Tensor], codec: Codec, shapes: Mapping[str, Sequence[int]], seq: int,

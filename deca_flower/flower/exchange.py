@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord
 
-from deca_flower.core.compression import payload_layout
+from deca_flower.core.compression import layout_bytes
 from deca_flower.core.gossip import check_block
 from deca_flower.core.node import DecaNode
 from deca_flower.protocol import messages as pm
@@ -40,10 +40,7 @@ def outgoing(node: DecaNode, half: dict[str, torch.Tensor], channel: PairwiseCha
              step: int) -> tuple[ArrayRecord | None, dict[int, ArrayRecord]]:
     """After the local step: (the record every neighbour gets, or None) and (receiver -> its sealed
     record, with secure gossip). Compressed gossip publishes here: the own public copy takes q."""
-    tensors = half
-    if node.public is not None:
-        payload = node.publish()
-        tensors = {key: payload[key] for key in node.public.layout(node.public.sent - 1)}  # the receivers' order
+    tensors = half if node.public is None else node.publish()  # a payload: in its layout's order (encode_block)
     if channel is None:
         return (block_to_record(tensors) if node.public is None else payload_to_record(tensors)), {}
     sealed = {}
@@ -99,7 +96,6 @@ def half_bytes(runtime: NodeRuntime, *, first: bool) -> list[int]:
             raw, packed = sum(t.numel() * t.element_size() for t in stored.values()), wire_bytes(stored)
         else:
             codec, shapes = node.choco.codec_at(0 if first else 1), {n: tuple(t.shape) for n, t in stored.items()}
-            raw = sum(count * dtype.itemsize for dtype, count in payload_layout(codec, shapes).values())
-            packed = payload_wire_bytes(codec, shapes)
+            raw, packed = layout_bytes(codec, shapes), payload_wire_bytes(codec, shapes)
         out.append(raw + SEAL_OVERHEAD if runtime.cfg.secure_gossip else packed)
     return out
