@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--topology", default=DecaConfig.topology)
     plan.add_argument("--steps-per-block", type=int, default=DecaConfig.steps_per_block)
     plan.add_argument("--rounds", type=int, default=DecaConfig.rounds)
-    plan.add_argument("--compression", default=DecaConfig.compression, help="none, int8, int4 or topk")
+    plan.add_argument("--compression", default=DecaConfig.compression, help="none, int8 or int4")
     plan.add_argument("--compression-chunk", type=int, default=DecaConfig.compression_chunk)
     plan.add_argument("--compression-fraction", type=float, default=DecaConfig.compression_fraction)
     plan.add_argument("--bf16", action="store_true", help="GPU accounting: bf16 weights, fp32 masters")

@@ -105,12 +105,13 @@ class DecaConfig:
     discrepancy=gradient the next step repeats about (1 - bma-beta1) * s of the last gossip correction."""
     compression: str = "none"
     """What a node sends each step: none (its block as it is), or with CHOCO-gossip error feedback
-    (core/choco.py) int8 or int4 (per-chunk scales) or topk (the largest entries) of the change of its
-    public copy; a visit's first payload is always int8."""
+    (core/choco.py) int8 or int4 (per-chunk scales) of the change of its public copy; a visit's first
+    payload is always int8. topk (the largest entries) is refused: its nodes drift apart within a visit."""
     compression_chunk: int = 64
     """int8/int4 (and every first, int8, payload of a visit): elements per scale; 0 = one scale per row."""
     compression_fraction: float = 0.1
-    """topk: share of each tensor's entries sent per step (8 bytes per kept entry: int32 index + fp32 value)."""
+    """topk (refused, see compression): share of each tensor's entries sent per step (8 bytes per kept
+    entry: int32 index + fp32 value)."""
     consensus_step_size: float = 0.0
     """gamma in [0, 1] of compressed gossip, theta = half + gamma * sum_j W_ij (copy_j - own copy); 0 = the
     codec's stable one: 1 for int8 and int4, 2 * compression-fraction (at most 1) for topk. Only with

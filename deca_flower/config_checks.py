@@ -97,6 +97,10 @@ def problems(cfg: Any) -> list[str]:
         refuse("compression_fraction", f"compression-fraction must be in (0, 1], got {cfg.compression_fraction}")
     if ok("consensus_step_size") and not 0.0 <= cfg.consensus_step_size <= 1.0:
         refuse("consensus_step_size", f"consensus-step-size must be in [0, 1] (0 = the codec's), got {cfg.consensus_step_size}")
+    if ok("compression") and cfg.compression == "topk":
+        refuse("compression", "compression='topk' makes the nodes drift apart within a visit: a tenth of the entries per "
+               "step cannot clear the error of the visit's first (int8) payload, and the Adam steps move every entry "
+               "(bench/compression_visit.py, bench/RESULTS.md); use int8 or int4")
     if ok("compression", "method") and cfg.compression != "none" and cfg.method == "fedavg":
         out.append(f"compression='{cfg.compression}' compresses gossip; method='fedavg' sends models to Flower's "
                    "FedAvg strategy uncompressed")

@@ -225,16 +225,10 @@ def _header_as_matrix(payload):
     payload[key] = payload[key].reshape(2, 2)
 
 
-def _index_out_of_range(payload):
-    key = next(k for k in payload if k.endswith("/index"))
-    payload[key][-1] = payload[key.replace("/index", "/header")][1]  # = numel
-
-
 @pytest.mark.parametrize(("compression", "corrupt", "message"), [
     ("int8", _nan_scale, "has a NaN, Inf, negative or overflowing scale"),
     ("int4", _short_q, r"'[^']+/q' is torch.uint8 of shape \(\d+,\); its header .* means torch.uint8 of shape \(\d+,\)"),
     ("int8", _header_numel, "header says"),
-    ("topk", _index_out_of_range, "top-k indices out of range"),
     ("int8", _header_as_matrix, r"header of shape \(2, 2\)"),
     ("int8", None, "expected one 'block' array of stype deca-compressed-v1"),  # an uncompressed half instead
 ])

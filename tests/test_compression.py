@@ -187,6 +187,7 @@ def test_a_good_payload_passes():
     ({"compression": "int8", "consensus_step_size": 1.5}, r"consensus-step-size must be in \[0, 1\]"),
     ({"consensus_step_size": 0.5}, "consensus-step-size=0.5 is for compressed gossip; compression='none'"),
     ({"compression": "int8", "method": "fedavg"}, "method='fedavg' sends models"),
+    ({"compression": "topk"}, "compression='topk' makes the nodes drift apart within a visit"),
     ({"compression": "int4", "steps_per_block": 1},
      "compression='int4' needs steps-per-block >= 2, got 1: the first exchange of a visit only fills the public copies"),
 ])
@@ -202,8 +203,8 @@ def test_the_run_config_picks_codec_and_gamma():
     from deca_flower.runtime import choco_settings
 
     assert choco_settings(DecaConfig(model="tiny-random")) is None
-    topk = choco_settings(DecaConfig(model="tiny-random", compression="topk", compression_fraction=0.2))
-    assert topk.codec == Codec("topk", 64, 0.2) and topk.gamma == pytest.approx(0.4)  # 0: the codec's gamma
+    int8 = choco_settings(DecaConfig(model="tiny-random", compression="int8", compression_chunk=32))
+    assert int8.codec == Codec("int8", 32) and int8.gamma == 1.0  # 0: the codec's gamma
     int4 = choco_settings(DecaConfig(model="tiny-random", compression="int4", compression_chunk=0,
                                      consensus_step_size=0.5))
     assert int4.codec == Codec("int4", 0) and int4.gamma == 0.5

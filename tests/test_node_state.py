@@ -21,7 +21,7 @@ def run_steps(cfg, tmp_path, drop_warm_after: set[int]):
     return [warm_runtime(coordinator, grid, p).node.model for p in range(cfg.num_nodes)]
 
 
-@pytest.mark.parametrize("compression", ["none", "topk"])
+@pytest.mark.parametrize("compression", ["none", "int4"])
 def test_step_sync_restores_mid_block_state_exactly(tiny_cfg, tmp_path, compression):
     # the irregular 4-node graph; compressed: the public copies are restored with the block
     cfg = tiny_cfg.replace(state_sync="step", bma="trivial", compression=compression)

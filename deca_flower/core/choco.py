@@ -15,22 +15,20 @@ bit for bit alike everywhere), so all copies of x_hat_j are equal; with W symmet
 cancel over the nodes and the average of theta is exactly what the Adam steps made it. What C
 leaves out stays in half_i - x_hat_i and goes out with a later q_i (error feedback). Since copies
 start at zero, a visit's first payload (seq 0) carries the block itself: it is int8 whatever the
-codec of the later ones (codec_at), as int4 or top-k of the weights themselves would leave errors
-of 11 % and 73 % of the weights in the copies, int8 0.6 % (bench/compression_codecs.py).
+codec of the later ones (codec_at), as int4 or top-k of the weights themselves leave copy errors
+many times int8's (bench/compression_codecs.py; figures in bench/RESULTS.md).
 
 The consensus step size gamma must shrink with the share of the change that C keeps (the paper's
-gamma ~ delta). Measured with gossip alone on 5 nodes (bench/compression_codecs.py): int8 and int4
-at gamma = 1 reach consensus one step behind uncompressed gossip; top-k with fraction 0.1 diverges
-at gamma >= 0.6 and converges at 0.2, fraction 0.25 at 0.6 but not at 0.8. default_gamma takes
-2 x fraction for top-k.
+gamma ~ delta): with gossip alone, int8 and int4 reach consensus at gamma = 1, top-k only at a
+smaller gamma (bench/compression_codecs.py). default_gamma takes 2 x fraction for top-k.
 
 The first exchange of a visit only fills the copies; nodes mix from the second on. Mixed in, the
-int8 error of whole weights is disagreement 50 times what the Adam steps make (SmolLM2's top
-block, 4 nodes, bench/compression_visit.py: consensus distance 1.64 after the first step, 0.033
-uncompressed, 0.128 not mixed); it fades within two steps either way (0.087 and 0.089 after the
-visit's 6 steps), and not mixing keeps it out of BMA's moments. Top-k cannot clear that int8
-error (a tenth of the entries per step, where the error and the Adam steps touch every entry): on
-the same visit its nodes drift apart (0.128 -> 1.44 over the 6 steps at gamma 0.2, 2.74 at 1).
+int8 error of whole weights is disagreement far above what the Adam steps make; it fades within a
+few steps either way, and not mixing keeps it out of BMA's moments (bench/compression_visit.py).
+Top-k cannot keep the nodes together on a real model: it sends a tenth of the entries per step,
+where that error and the Adam steps touch every entry. Its nodes drift apart within a visit, even
+with the second payload in int8 as well, so the config refuses compression='topk'
+(bench/compression_visit.py).
 
 A neighbour whose payload was refused has a copy that misses that q_j for good: it stays out of
 this node's mix until the next visit starts everyone's copies afresh. The sender is not told and
