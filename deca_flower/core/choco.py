@@ -36,7 +36,7 @@ keeps mixing with this node, so the pair's terms W_ij (x_hat_j - x_hat_i) no lon
 network average is not kept for the rest of that visit (on-bad-block=exclude; uncompressed gossip
 loses it for the one step).
 
-    exercised by: pytest tests/test_choco.py
+    exercised by: pytest tests/test_choco.py tests/test_choco_reference.py
 """
 
 from __future__ import annotations
