@@ -109,12 +109,9 @@ class DecaConfig:
     payload is always int8. topk (the largest entries) is refused: its nodes drift apart within a visit."""
     compression_chunk: int = 64
     """int8/int4 (and every first, int8, payload of a visit): elements per scale; 0 = one scale per row."""
-    compression_fraction: float = 0.1
-    """topk (refused, see compression): share of each tensor's entries sent per step (8 bytes per kept
-    entry: int32 index + fp32 value)."""
     consensus_step_size: float = 0.0
     """gamma in [0, 1] of compressed gossip, theta = half + gamma * sum_j W_ij (copy_j - own copy); 0 = the
-    codec's stable one: 1 for int8 and int4, 2 * compression-fraction (at most 1) for topk. Only with
+    codec's stable one (1 for int8 and int4). Only with
     compression: uncompressed gossip mixes with W itself (a non-zero value with compression='none' is refused)."""
     batch_size: int = 4
     """Training examples per local step."""

@@ -93,8 +93,6 @@ def problems(cfg: Any) -> list[str]:
         value = getattr(cfg, name)
         if ok(name) and not 0.0 <= value < 1.0:
             refuse(name, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if ok("compression_fraction") and not 0.0 < cfg.compression_fraction <= 1.0:
-        refuse("compression_fraction", f"compression-fraction must be in (0, 1], got {cfg.compression_fraction}")
     if ok("consensus_step_size") and not 0.0 <= cfg.consensus_step_size <= 1.0:
         refuse("consensus_step_size", f"consensus-step-size must be in [0, 1] (0 = the codec's), got {cfg.consensus_step_size}")
     if ok("compression") and cfg.compression == "topk":

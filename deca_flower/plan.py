@@ -88,7 +88,7 @@ def make_plan(cfg: DecaConfig, *, bf16: bool = False, model=None) -> Plan:
                           for b in blocks]
     sent_visit, copies = uncompressed_visit, 0
     if cfg.compression != "none":
-        choco = ChocoSettings(Codec(cfg.compression, cfg.compression_chunk, cfg.compression_fraction))
+        choco = ChocoSettings(Codec(cfg.compression, cfg.compression_chunk))
         first, later = choco.codec_at(0), choco.codec  # a visit's first payload is int8
         sent_visit = [_payload_bytes(first, b, shapes) + (steps_per_visit - 1) * _payload_bytes(later, b, shapes)
                       for b in blocks]

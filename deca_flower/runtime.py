@@ -99,7 +99,7 @@ def choco_settings(cfg: DecaConfig) -> ChocoSettings | None:
     """Compressed gossip's settings, or None for compression='none'."""
     if cfg.compression == "none":
         return None
-    codec = Codec(cfg.compression, cfg.compression_chunk, cfg.compression_fraction)
+    codec = Codec(cfg.compression, cfg.compression_chunk)
     return ChocoSettings(codec, cfg.consensus_step_size or default_gamma(codec))
 
 
