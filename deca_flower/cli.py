@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--topology", default=DecaConfig.topology)
     plan.add_argument("--steps-per-block", type=int, default=DecaConfig.steps_per_block)
     plan.add_argument("--rounds", type=int, default=DecaConfig.rounds)
+    plan.add_argument("--compression", default=DecaConfig.compression, help="none, int8 or int4")
+    plan.add_argument("--compression-chunk", type=int, default=DecaConfig.compression_chunk)
     plan.add_argument("--bf16", action="store_true", help="GPU accounting: bf16 weights, fp32 masters")
     plan.add_argument("--json", action="store_true")
     keys = sub.add_parser("keys", help="demo site identities for secure-gossip: node_<i>.pem (owner-only) + trusted.json")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = DecaConfig(model=args.model, layers_per_block=args.layers_per_block, num_nodes=args.nodes,
-                             topology=args.topology, steps_per_block=args.steps_per_block, rounds=args.rounds)
+                             topology=args.topology, steps_per_block=args.steps_per_block, rounds=args.rounds,
+                             compression=args.compression, compression_chunk=args.compression_chunk)
         except ConfigError as err:
             print(err, file=sys.stderr)
             return 2

@@ -80,7 +80,9 @@ class DecaConfig:
     lora_alpha: float = 16.0
     """Dec-LoRA scaling alpha."""
     on_bad_block: str = "stop"
-    """A neighbour block that fails validation: stop the run, or exclude it for this step and go on."""
+    """A neighbour block that fails validation: stop the run, or exclude it for this step and go on (with
+    compression: for the rest of the visit, while the sender still mixes with this node, so the network
+    average is not kept until the next block)."""
     secure_gossip: bool = False
     """Encrypt and authenticate blocks per neighbour pair (X25519 + AES-GCM): the relay sees ciphertext."""
     trusted_keys: str = ""
@@ -101,6 +103,16 @@ class DecaConfig:
     bma_strength: float = 1.0
     """s: weight of the consensus part (half - mixed) of d; 0 = no consensus signal, 1 = d itself. With
     discrepancy=gradient the next step repeats about (1 - bma-beta1) * s of the last gossip correction."""
+    compression: str = "none"
+    """What a node sends each step: none (its block as it is), or with CHOCO-gossip error feedback
+    (core/choco.py) int8 or int4 (per-chunk scales) of the change of its public copy; a visit's first
+    payload is always int8. topk (the largest entries) is refused: its nodes drift apart within a visit."""
+    compression_chunk: int = 64
+    """int8/int4 (and every first, int8, payload of a visit): elements per scale; 0 = one scale per row."""
+    consensus_step_size: float = 0.0
+    """gamma in [0, 1] of compressed gossip, theta = half + gamma * sum_j W_ij (copy_j - own copy); 0 = the
+    codec's stable one (1 for int8 and int4). Only with
+    compression: uncompressed gossip mixes with W itself (a non-zero value with compression='none' is refused)."""
     batch_size: int = 4
     """Training examples per local step."""
     max_text_tokens: int = 64

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from deca_flower.core.conventions import BMA_MODES, DISCREPANCIES, DIVIDES_BY_LR
+from deca_flower.core.conventions import BMA_MODES, COMPRESSIONS, DISCREPANCIES, DIVIDES_BY_LR
 from deca_flower.core.topology import TOPOLOGIES, TopologyError, build_graph
 
 
@@ -29,7 +29,7 @@ TASKS = ("classify", "instruct")
 CHOICES = {"method": METHODS, "topology": TOPOLOGIES, "partitioner": PARTITIONERS, "bma": BMA_MODES,
            "discrepancy": DISCREPANCIES, "block_order": BLOCK_ORDERS, "embeddings": EMBEDDING_MODES, "device": DEVICES,
            "state_sync": STATE_SYNC, "task": TASKS, "on_bad_block": ("stop", "exclude"),
-           "on_disconnect": ("stop", "components")}
+           "on_disconnect": ("stop", "components"), "compression": COMPRESSIONS}
 HEADLINE = {"classify": ("accuracy", "macro_f1"), "instruct": ("response_loss", "perplexity")}  # per task
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's legacy and torch's generators both take this range
@@ -87,12 +87,27 @@ def problems(cfg: Any) -> list[str]:
         positive(name)
     positive("lr", allow_zero=True)  # lr = 0 is the gossip-only check of the tests
     for name in ("eval_samples", "eval_every_blocks", "max_block_deviation", "rejoin_probe_s", "disconnect_wait_s",
-                 "samples", "bma_strength"):
+                 "samples", "bma_strength", "compression_chunk"):
         positive(name, allow_zero=True)
     for name in ("beta1", "beta2", "bma_beta1", "bma_beta2"):
         value = getattr(cfg, name)
         if ok(name) and not 0.0 <= value < 1.0:
             refuse(name, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if ok("consensus_step_size") and not 0.0 <= cfg.consensus_step_size <= 1.0:
+        refuse("consensus_step_size", f"consensus-step-size must be in [0, 1] (0 = the codec's), got {cfg.consensus_step_size}")
+    if ok("compression") and cfg.compression == "topk":
+        refuse("compression", "compression='topk' makes the nodes drift apart within a visit: a tenth of the entries per "
+               "step cannot clear the error of the visit's first (int8) payload, and the Adam steps move every entry "
+               "(bench/compression_visit.py, bench/RESULTS.md); use int8 or int4")
+    if ok("compression", "method") and cfg.compression != "none" and cfg.method == "fedavg":
+        out.append(f"compression='{cfg.compression}' compresses gossip; method='fedavg' sends models to Flower's "
+                   "FedAvg strategy uncompressed")
+    if ok("compression", "consensus_step_size") and cfg.compression == "none" and cfg.consensus_step_size:
+        out.append(f"consensus-step-size={cfg.consensus_step_size} is for compressed gossip; compression='none' mixes "
+                   "with the weights W as they are (set compression, or leave consensus-step-size at 0)")
+    if ok("compression", "steps_per_block") and cfg.compression != "none" and cfg.steps_per_block < 2:
+        out.append(f"compression='{cfg.compression}' needs steps-per-block >= 2, got {cfg.steps_per_block}: the first "
+                   "exchange of a visit only fills the public copies, so with one step per visit no node would ever mix")
     if ok("edge_prob") and not 0.0 < cfg.edge_prob <= 1.0:
         refuse("edge_prob", f"edge-prob must be in (0, 1], got {cfg.edge_prob}")
     if ok("test_fraction") and not 0.0 < cfg.test_fraction < 1.0:

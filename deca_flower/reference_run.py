@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from deca_flower.config import DecaConfig
+from deca_flower.core.node import DecaNode
 from deca_flower.core.reference import consensus_distance, run_reference
 from deca_flower.core.schedule import Visit, build_schedule
 from deca_flower.core.topology import build_graph, metropolis_hastings, neighbours, spectral_gap
+from deca_flower.protocol.tensors import payload_wire_bytes, wire_bytes
 from deca_flower.results import RunWriter, mean_std
 from deca_flower.runtime import NodeRuntime, build_runtime
 
@@ -40,6 +42,14 @@ def evaluation(cfg: DecaConfig, per_node: list[dict[str, float]], visit: Visit |
         record[f"{key}_mean"], record[f"{key}_std"] = mean_std(values)
         record[f"{key}_per_node"] = values
     return record
+
+
+def sent_bytes(node: DecaNode) -> int:
+    """Bytes of the record a node sent each neighbour at the step just taken, as the relay counts
+    them: its packed half-step block, or its packed compressed payload (a visit's first is int8)."""
+    if node.public is None:
+        return wire_bytes(node.block_values())
+    return payload_wire_bytes(node.public.settings.codec_at(node.public.sent - 1), node.public.shapes)
 
 
 def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[NodeRuntime] | None = None,
@@ -69,8 +79,7 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
     def on_step(visit: Visit, step: int, node_losses: list[float]) -> None:
         progress["step"] += 1
         progress["losses"].append(sum(node_losses) / len(node_losses))
-        block_bytes = sum(t.numel() * t.element_size() for t in nodes[0].block_values().values())
-        progress["bytes"] += block_bytes * sum(degrees) / len(degrees)
+        progress["bytes"] += sum(sent_bytes(node) * d for node, d in zip(nodes, degrees)) / len(nodes)
 
     def after_visit(visit: Visit) -> None:
         visit_losses = progress["losses"][-steps:]

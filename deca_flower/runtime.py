@@ -17,6 +17,8 @@ from datasets import Dataset
 
 from deca_flower.config import DecaConfig, label_names
 from deca_flower.core.blocks import Block
+from deca_flower.core.choco import ChocoSettings, default_gamma
+from deca_flower.core.compression import Codec
 from deca_flower.core.node import AdamSettings, BatchSampler, DecaNode
 from deca_flower.data.instructions import load_instructions
 from deca_flower.data.partition import node_partition, train_test
@@ -93,6 +95,14 @@ class NodeRuntime:
         return [(self.task.prompt_text(self.test, i), a) for i, a in enumerate(answers)]
 
 
+def choco_settings(cfg: DecaConfig) -> ChocoSettings | None:
+    """Compressed gossip's settings, or None for compression='none'."""
+    if cfg.compression == "none":
+        return None
+    codec = Codec(cfg.compression, cfg.compression_chunk)
+    return ChocoSettings(codec, cfg.consensus_step_size or default_gamma(codec))
+
+
 def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | None = None,
                   data_path: str | None = None) -> NodeRuntime:
     start = time.time()
@@ -111,7 +121,7 @@ def build_runtime(cfg: DecaConfig, partition_id: int, device: torch.device | Non
                             strength=cfg.bma_strength)
     sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, partition_id)
     node = DecaNode(model, blocks, settings, sampler,
-                    make_batch=lambda idx: task.collate(train, idx, device), loss_fn=task.loss)
+                    make_batch=lambda idx: task.collate(train, idx, device), loss_fn=task.loss, choco=choco_settings(cfg))
     counts = np.bincount(train.labels, minlength=len(label_names)).tolist()
     log.info("node %d ready on %s (%d torch threads) in %.1fs: %d train examples %s, %d blocks",
              partition_id, device, torch.get_num_threads(), time.time() - start, len(train), counts, len(blocks))

@@ -207,6 +207,58 @@ def test_a_hostile_manifest_blames_its_sender_and_never_crashes_the_receivers(ti
         assert coordinator.membership.dropped == {}, name
 
 
+def _nan_scale(payload):
+    payload[next(k for k in payload if k.endswith("/scale"))][0] = math.nan
+
+
+def _short_q(payload):
+    key = next(k for k in payload if k.endswith("/q"))
+    payload[key] = payload[key][:-1]
+
+
+def _header_numel(payload):
+    payload[next(k for k in payload if k.endswith("/header"))][1] += 1
+
+
+def _header_as_matrix(payload):
+    key = next(k for k in payload if k.endswith("/header"))
+    payload[key] = payload[key].reshape(2, 2)
+
+
+@pytest.mark.parametrize(("compression", "corrupt", "message"), [
+    ("int8", _nan_scale, "has a NaN, Inf, negative or overflowing scale"),
+    ("int4", _short_q, r"'[^']+/q' is torch.uint8 of shape \(\d+,\); its header .* means torch.uint8 of shape \(\d+,\)"),
+    ("int8", _header_numel, "header says"),
+    ("int8", _header_as_matrix, r"header of shape \(2, 2\)"),
+    ("int8", None, "expected one 'block' array of stype deca-compressed-v1"),  # an uncompressed half instead
+])
+@pytest.mark.parametrize("on_bad_block", ["stop", "exclude"])
+def test_a_malformed_compressed_payload_is_refused_naming_its_sender(tiny_cfg, tmp_path, compression, corrupt, message,
+                                                                      on_bad_block):
+    from deca_flower.protocol.tensors import payload_to_record, record_to_payload
+
+    cfg = tiny_cfg.replace(num_nodes=3, topology="complete", on_bad_block=on_bad_block, compression=compression)
+    coordinator, grid = started_coordinator(cfg, tmp_path)
+    coordinator.exchange(block=1, start=True)
+    coordinator.exchange(block=1, start=False)  # payloads of seq 1: top-k (seq 0 is int8 for every codec)
+    if corrupt is None:
+        coordinator.progress.halves[2].half = block_to_record(warm_runtime(coordinator, grid, 2).node.block_values())
+    else:
+        payload = {k: v.clone() for k, v in record_to_payload(coordinator.progress.halves[2].half, "test").items()}
+        corrupt(payload)
+        coordinator.progress.halves[2].half = payload_to_record(payload)
+    if on_bad_block == "stop":
+        with pytest.raises(CoordinationError, match=rf"node 10[01] failed: node [01]: .*block from node 2: .*{message}"):
+            coordinator.exchange(block=1, start=False)
+        return
+    results = coordinator.exchange(block=1, start=False)
+    for pid in (0, 1):
+        assert len(results[pid].excluded) == 1 and results[pid].excluded[0].startswith("node 2: ")
+        assert warm_runtime(coordinator, grid, pid).node.public.out_of_sync == {"node 2"}  # until the next visit
+    results = coordinator.exchange(block=1, start=False)  # its later payloads stay out: its copy missed one
+    assert all("missed a payload" in results[pid].excluded[0] for pid in (0, 1))
+
+
 def test_more_supernodes_than_num_nodes_is_refused_naming_the_counts(tiny_cfg):
     cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=3, topology="complete"))
     grid = InProcessGrid(client_app, 4)

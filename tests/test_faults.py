@@ -31,8 +31,11 @@ def run_with_faults(cfg, silent=None, crash=None, gone=None):
     return summary, records
 
 
-def test_silent_node_is_dropped_and_the_rest_finish(tiny_cfg):
-    summary, records = run_with_faults(tiny_cfg.replace(num_nodes=5, topology="ring"), silent={2: 3})
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_silent_node_is_dropped_and_the_rest_finish(tiny_cfg, compression):
+    # dropped mid-visit: compressed, its neighbours mix on the public copies of the others only
+    summary, records = run_with_faults(tiny_cfg.replace(num_nodes=5, topology="ring", compression=compression),
+                                       silent={2: 3})
     assert list(summary["dropped_nodes"]) == [2] and "no reply" in summary["dropped_nodes"][2]
     assert [r["node"] for r in records if r["kind"] == "dropout"] == [2]
     assert summary["final"]["accuracy_per_node"] and len(summary["final"]["accuracy_per_node"]) == 4
@@ -224,9 +227,12 @@ def test_a_fresh_start_never_replaces_an_earlier_run_unless_asked(tiny_cfg):
     assert {p.name: p.read_bytes() for p in (run_dir / "previous").iterdir()} == files
 
 
-def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg):
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_node_that_comes_back_rejoins_with_a_neighbours_blocks(tiny_cfg, compression):
+    # compressed: every node's public copies start afresh with the visit after the rejoin, the
+    # rejoined node's from its donated blocks
     state._WARM.clear()
-    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete", rounds=1))
+    cfg, run_dir = prepare_run(tiny_cfg.replace(num_nodes=4, topology="complete", rounds=1, compression=compression))
     grid = InProcessGrid(client_app, 4)
     grid.silent_after, grid.back_at = {102: 1}, {102: 14}  # down in visit 0, up again during visit 1
     summary = run_deca(grid, cfg, run_dir)

@@ -10,6 +10,7 @@ from apps.client_app import app as client_app
 from deca_flower.flower import state
 from deca_flower.flower.job import run_deca
 from deca_flower.paths import prepare_run
+from deca_flower.plan import make_plan
 from deca_flower.reference_run import build_nodes, run_reference_job
 from tests.inprocess import InProcessGrid
 
@@ -48,6 +49,16 @@ def test_flower_blocks_equal_reference(tiny_cfg, bma):
 def test_flower_blocks_equal_reference_for_each_consensus_signal(tiny_cfg, discrepancy, strength):
     # 'scaled' is the full-BMA case above; the others divide by lr or use Adam's step count differently
     assert_flower_equals_reference(tiny_cfg.replace(bma="full", discrepancy=discrepancy, bma_strength=strength))
+
+
+@pytest.mark.parametrize(("compression", "state_sync"), [("int8", "block"), ("int4", "step")])
+def test_flower_blocks_equal_reference_with_compressed_gossip(tiny_cfg, compression, state_sync):
+    # the irregular 4-node graph; state-sync=step writes the public copies after every message
+    cfg = tiny_cfg.replace(compression=compression, rounds=2, block_order="random", state_sync=state_sync)
+    summary, _, _ = assert_flower_equals_reference(cfg)
+    plan = make_plan(cfg)  # the payloads' records, as the relay counted them
+    assert summary["bytes_sent_per_node"] == pytest.approx(plan.bytes_per_node_run, rel=1e-12)
+    assert summary["bytes_sent_per_node"] < plan.uncompressed_bytes_per_node_run / 2
 
 
 def test_run_folder_contents(tiny_cfg):

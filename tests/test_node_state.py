@@ -21,8 +21,10 @@ def run_steps(cfg, tmp_path, drop_warm_after: set[int]):
     return [warm_runtime(coordinator, grid, p).node.model for p in range(cfg.num_nodes)]
 
 
-def test_step_sync_restores_mid_block_state_exactly(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(state_sync="step", bma="trivial")  # the irregular 4-node graph
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_step_sync_restores_mid_block_state_exactly(tiny_cfg, tmp_path, compression):
+    # the irregular 4-node graph; compressed: the public copies are restored with the block
+    cfg = tiny_cfg.replace(state_sync="step", bma="trivial", compression=compression)
     warm = run_steps(cfg.replace(state_dir=str(tmp_path / "a")), tmp_path, set())
     cold = run_steps(cfg.replace(state_dir=str(tmp_path / "b")), tmp_path, {0, 1, 3, 4, 5, 7, 9})
     for a, b in zip(warm, cold):

@@ -19,9 +19,11 @@ def secure_cfg(tiny_cfg, tmp_path):  # the irregular 4-node graph: 0-3, 1-2, 1-3
     return tiny_cfg.replace(secure_gossip=True, trusted_keys=str(keys / "trusted.json"), identity_key_dir=str(keys))
 
 
-def test_secure_run_gives_the_same_models(secure_cfg):
-    _, _, sealed = flower_run(secure_cfg)
-    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False, run_name="plain"))
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_secure_run_gives_the_same_models(secure_cfg, compression):
+    # compressed: each payload is compressed, then sealed per neighbour
+    _, _, sealed = flower_run(secure_cfg.replace(compression=compression))
+    _, _, plain = flower_run(secure_cfg.replace(secure_gossip=False, compression=compression, run_name="plain"))
     for a, b in zip(sealed, plain):
         for (name, pa), pb in zip(a.node.model.named_parameters(), b.node.model.parameters()):
             assert torch.equal(pa, pb), name

@@ -1,4 +1,5 @@
-"""Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j.
+"""Neighbour mixing of one block: mixed_i = W[i,i] * own + sum_j W[i,j] * half_j (and CHOCO's mix on
+public copies, public_mix).
 
 With a bf16 model the neighbours' halves are bf16 while `own` is the node's fp32 master, so the
 mix takes the difference form own + sum_j W[i,j] * (half_j - sent_i), sent_i being what this node
@@ -12,7 +13,7 @@ Validation lives here too, so that nothing malformed is ever averaged into a mod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import networkx as nx
 import torch
@@ -105,32 +106,65 @@ def mix(own: list[torch.Tensor], self_weight: float, others: list[tuple[float, l
     `sent`: the (bf16) values this node sent for `own`, when they differ: the difference form above.
 
     float64 matters: BMA divides theta - mixed by lr, so fp32 rounding in the mix (x/3 + x/3 + x/3 != x)
-    would become an lr-sized Adam step on weights the nodes already agree on. It is accumulated
-    FLOAT64_SLICE elements at a time in one reused buffer: the same sums as a float64 copy of the
-    whole block, without allocating one (226 MB for the SmolLM2 embeddings)."""
+    would become an lr-sized Adam step on weights the nodes already agree on (see _sliced_float64)."""
     total = self_weight + sum(w for w, _ in others)
     if not math.isclose(total, 1.0, abs_tol=1e-9):
         raise ValueError(f"mixing weights sum to {total}, not 1")
     out = []
     for k, tensor in enumerate(own):
-        numel = tensor.numel()
-        flat_others = []
-        for weight, tensors in others:
-            if tensors[k].numel() != numel:
-                raise ValueError(f"tensor {k}: {tensors[k].numel()} elements to mix into {numel}")
-            flat_others.append((weight, tensors[k].reshape(-1)))
-        mixed = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
-        flat_own, flat_mixed = tensor.reshape(-1), mixed.view(-1)
-        buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
-        for start in range(0, numel, FLOAT64_SLICE):
-            end = min(start + FLOAT64_SLICE, numel)
-            acc = buffer[:end - start].copy_(flat_own[start:end])
-            if sent is None:
+        flat_others = [(weight, tensors[k].reshape(-1)) for weight, tensors in others]
+        if any(flat.numel() != tensor.numel() for _, flat in flat_others):
+            raise ValueError(f"tensor {k}: other blocks' tensors of another size than its {tensor.numel()} elements")
+        flat_sent = None if sent is None else sent[k].reshape(-1)
+
+        def weighted_sum(acc: torch.Tensor, start: int, end: int, flat_others=flat_others, flat_sent=flat_sent) -> None:
+            if flat_sent is None:
                 acc.mul_(self_weight)
             else:  # own - (1 - W_ii) * sent_i + sum_j W_ij * half_j
-                acc.add_(sent[k].reshape(-1)[start:end], alpha=self_weight - 1.0)
+                acc.add_(flat_sent[start:end], alpha=self_weight - 1.0)
             for weight, flat in flat_others:
                 acc.add_(flat[start:end].to(acc.device), alpha=weight)  # added in float64 without a float64 copy
-            flat_mixed[start:end].copy_(acc)
-        out.append(mixed)
+
+        out.append(_sliced_float64(tensor, weighted_sum))
     return out
+
+
+def public_mix(half: list[torch.Tensor], own_copy: list[torch.Tensor], gamma: float,
+               others: list[tuple[float, list[torch.Tensor]]]) -> list[torch.Tensor]:
+    """CHOCO's mix (core/choco.py): half + gamma * sum_j W_ij * (copy_j - own_copy), in float64 as
+    mix() (BMA divides what it moves by lr), returned as fp32. Summed as differences, so that a node
+    whose copies agree gets its half back bit for bit."""
+    out = []
+    for k, tensor in enumerate(half):
+        numel = tensor.numel()
+        flat_own = own_copy[k].reshape(-1)
+        flat_others = [(gamma * weight, copy[k].reshape(-1)) for weight, copy in others]
+        if any(flat.numel() != numel for _, flat in flat_others) or flat_own.numel() != numel:
+            raise ValueError(f"tensor {k}: copies of another size than its {numel} elements")
+        diff_buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
+
+        def differences(acc: torch.Tensor, start: int, end: int, flat_own=flat_own, flat_others=flat_others,
+                        diff_buffer=diff_buffer) -> None:
+            diff = diff_buffer[:end - start]
+            for scaled_weight, flat in flat_others:
+                acc.add_(diff.copy_(flat[start:end]).sub_(flat_own[start:end]), alpha=scaled_weight)
+
+        out.append(_sliced_float64(tensor, differences))
+    return out
+
+
+def _sliced_float64(tensor: torch.Tensor, accumulate: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
+    """An fp32 tensor of `tensor`'s shape, made FLOAT64_SLICE elements [start, end) at a time:
+    accumulate(acc, start, end) works on acc, a float64 buffer that holds those elements of `tensor`.
+    One reused buffer gives the same sums as a float64 copy of the whole block without allocating
+    one (226 MB for the SmolLM2 embeddings)."""
+    numel = tensor.numel()
+    mixed = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+    flat, flat_mixed = tensor.reshape(-1), mixed.view(-1)
+    buffer = torch.empty(min(numel, FLOAT64_SLICE), dtype=torch.float64, device=tensor.device)
+    for start in range(0, numel, FLOAT64_SLICE):
+        end = min(start + FLOAT64_SLICE, numel)
+        acc = buffer[:end - start].copy_(flat[start:end])
+        accumulate(acc, start, end)
+        flat_mixed[start:end].copy_(acc)
+    return mixed

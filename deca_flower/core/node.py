@@ -6,6 +6,13 @@ Per inner step the caller does
     ... exchange halves with the neighbours ...
     node.apply_mix(w_ii, [(w_ij, half_j)])   # theta = mixed, BMA folded into the moments
 
+With compressed gossip (choco set: core/choco.py) the exchange is of payloads instead:
+
+    node.local_step()
+    payload = node.publish()                 # C(half - own public copy), sent to every neighbour
+    node.receive(sender_j, payload_j)        # per neighbour: checked, then added to its copy
+    node.apply_public_mix({sender_j: w_ij})  # theta = half + gamma * sum_j w_ij (copy_j - own copy); BMA
+
 The same calls are made by the single-process reference (reference.py) and by the Flower
 ClientApp, which is why both give the same numbers for the same seed.
 """
@@ -21,6 +28,7 @@ import torch
 from torch import nn
 
 from deca_flower.core.blocks import ActiveBlock, Block
+from deca_flower.core.choco import ChocoSettings, PublicCopies
 from deca_flower.core.gossip import check_block, mix
 from deca_flower.core.optimizer import BlockAdam
 
@@ -65,6 +73,7 @@ class DecaNode:
         sampler: BatchSampler,
         make_batch: Callable[[list[int]], Any],
         loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        choco: ChocoSettings | None = None,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -75,6 +84,9 @@ class DecaNode:
         self.active: ActiveBlock | None = None
         self.optimizer: BlockAdam | None = None
         self.peak_optimizer_bytes = 0  # grads + Adam moments (+ fp32 masters), measured
+        self.choco = choco  # None: uncompressed gossip
+        self.public: PublicCopies | None = None  # compressed gossip: the active block's public copies
+        self.peak_public_bytes = 0  # the public copies, measured
 
     @property
     def active_index(self) -> int | None:
@@ -89,11 +101,15 @@ class DecaNode:
         s = self.settings
         self.optimizer = BlockAdam(self.active.masters, lr=s.lr, betas=s.betas, eps=s.eps, bma=s.bma,
                                    bma_betas=s.bma_betas, discrepancy=s.discrepancy, strength=s.strength)
+        if self.choco is not None:
+            masters = self.active.masters
+            self.public = PublicCopies(self.choco, self.active.block.param_names, [m.shape for m in masters],
+                                       masters[0].device)
 
     def end_block(self) -> None:
         if self.active is not None:
             self.active.release()
-        self.active, self.optimizer = None, None
+        self.active, self.optimizer, self.public = None, None, None
 
     def local_step(self, *, copy: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
         """One Adam step on the active block; returns the loss and the half-step block: a copy, or
@@ -145,6 +161,31 @@ class DecaNode:
         active, optimizer = self._require_active()
         optimizer.fold(mixed)
         active.master_to_model()
+
+    def publish(self) -> dict[str, torch.Tensor]:
+        """Compressed gossip, after local_step: the payload q = C(half - own public copy) for every
+        neighbour (plain tensors, compression.py); the own copy takes q."""
+        payload = self._require_public().publish(self._require_active()[0].masters)
+        self.peak_public_bytes = max(self.peak_public_bytes, self.public.nbytes())
+        return payload
+
+    def receive(self, sender: str, payload: dict[str, torch.Tensor], max_deviation: float = 0.0) -> None:
+        """Compressed gossip: add a neighbour's payload to its public copy, or raise BlockError
+        naming `sender` (malformed payload; a copy that is not finite or, max_deviation > 0, too far
+        from this node's block)."""
+        public, masters = self._require_public(), self._require_active()[0].masters
+        public.receive(sender, payload, {n: m.detach() for n, m in zip(public.shapes, masters)}, max_deviation)
+        self.peak_public_bytes = max(self.peak_public_bytes, public.nbytes())
+
+    def apply_public_mix(self, weights: dict[str, float]) -> None:
+        """Compressed gossip: theta = half + gamma * sum_j W_ij (copy_j - own copy) over the senders
+        in `weights` (the neighbours taking part), then the BMA fold of what was mixed."""
+        self.apply_mixed(self._require_public().mixed(self._require_active()[0].masters, weights))
+
+    def _require_public(self) -> PublicCopies:
+        if self.public is None:
+            raise RuntimeError("compressed gossip needs choco settings and an active block (start_block)")
+        return self.public
 
     def _require_active(self) -> tuple[ActiveBlock, BlockAdam]:
         if self.active is None or self.optimizer is None:

@@ -7,7 +7,12 @@
             mixed  = W @ [half_1 .. half_n] # oracle: per node over its neighbours; fast: one matmul
             node_i.apply_mix / apply_mixed  # theta = mixed, BMA fold
 
-    exercised by: pytest tests/test_flower_matches_reference.py tests/test_gossip.py
+With compressed gossip (nodes built with choco settings) every node publishes C(half - own copy);
+the oracle hands each node its neighbours' payloads (receive, apply_public_mix), the fast path
+keeps only the n own copies, since every node's copy of node j equals j's own (no payload
+checks, no neighbour copies: n copies of the block instead of n * (degree + 1)).
+
+    exercised by: pytest tests/test_flower_matches_reference.py tests/test_gossip.py tests/test_choco.py
 """
 
 from __future__ import annotations
@@ -39,12 +44,19 @@ def run_reference(
     """Train all nodes in place; `weights` is the n x n mixing matrix."""
     if weights.shape != (len(nodes), len(nodes)):
         raise ValueError(f"weights are {weights.shape} for {len(nodes)} nodes")
+    compressed = nodes[0].choco is not None
+    if any((node.choco is not None) != compressed for node in nodes):
+        raise ValueError("some nodes gossip compressed and some do not")
     for visit in schedule:
         for node in nodes:
             node.start_block(visit.block)
         for step in range(steps_per_block):
-            losses, halves = zip(*(node.local_step() for node in nodes))
-            (mix_fast if fast else mix_oracle)(nodes, weights, list(halves))
+            if compressed:
+                losses = [node.local_step(copy=False)[0] for node in nodes]
+                (mix_public_fast if fast else mix_public_oracle)(nodes, weights)
+            else:
+                losses, halves = zip(*(node.local_step() for node in nodes))
+                (mix_fast if fast else mix_oracle)(nodes, weights, list(halves))
             if on_step:
                 on_step(visit, step, list(losses))
         if after_visit:
@@ -83,6 +95,26 @@ def fast_mixed(nodes: list[DecaNode], weights: np.ndarray, halves: list[dict[str
                 mixed[i] += own[name].double() - stacked[i]
             mixed_per_node[i].append(mixed[i].float())
     return mixed_per_node
+
+
+def mix_public_oracle(nodes: list[DecaNode], weights: np.ndarray) -> None:
+    """Compressed gossip as over the network: every node receives its neighbours' payloads."""
+    payloads = [node.publish() for node in nodes]
+    for i, node in enumerate(nodes):
+        nbrs = neighbours(weights, i)
+        for j in nbrs:
+            node.receive(f"node {j}", payloads[j])
+        node.apply_public_mix({f"node {j}": w for j, w in nbrs.items()})
+
+
+def mix_public_fast(nodes: list[DecaNode], weights: np.ndarray) -> None:
+    """Compressed gossip from the n own copies only: node j's own copy is every neighbour's copy
+    of it. The same sums in the same order as the oracle, so the same bits."""
+    for node in nodes:
+        node.publish()
+    for i, node in enumerate(nodes):
+        others = [(w, nodes[j].public.own) for j, w in neighbours(weights, i).items()]
+        node.apply_mixed(node.public.mixed_with(node.active.masters, others))
 
 
 def consensus_distance(blocks: list[dict[str, torch.Tensor]]) -> float:

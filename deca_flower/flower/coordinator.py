@@ -58,15 +58,18 @@ class Coordinator:
     secure_gossip : bool
         Halves are sealed per neighbour: relay each node the copy sealed for it; no consensus
         distance (the relay cannot read them) and no rejoin (the donated blocks would pass in clear).
+    compressed : bool
+        Nodes send compressed payloads (changes of their public copies, core/choco.py), not halves:
+        no consensus distance from what is relayed.
     headline : tuple[str, str]
         The held-out metrics each evaluation reports (mean, std and per node).
     """
 
     def __init__(self, membership: Membership, writer: RunWriter, *, rounds: int, block_order: str, seed: int,
-                 secure_gossip: bool, headline: tuple[str, str]) -> None:
+                 secure_gossip: bool, compressed: bool, headline: tuple[str, str]) -> None:
         self.membership, self.writer = membership, writer
         self.rounds, self.block_order, self.seed = rounds, block_order, seed
-        self.secure_gossip, self.headline = secure_gossip, headline
+        self.secure_gossip, self.headline, self.compressed = secure_gossip, headline, compressed
         self.progress = Progress(bytes_sent=np.zeros(membership.num_nodes))
 
     def train(self, num_blocks: int, steps_per_visit: int, evaluate_every: int, visits_done: int = 0) -> None:
@@ -95,7 +98,7 @@ class Coordinator:
                 totals.append(sum(m.step_s for m in results.values()))
                 losses.append(float(np.mean([m.loss for m in results.values()])))
                 progress.peak_opt_bytes = max([progress.peak_opt_bytes, *(m.opt_bytes for m in results.values())])
-            distance = float("nan") if self.secure_gossip else consensus_distance(
+            distance = float("nan") if self.secure_gossip or self.compressed else consensus_distance(
                 {pid: r.half for pid, r in progress.halves.items() if r.half is not None})
             self.writer.append({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress.step,
                                 "loss_mean": float(np.mean(losses)), "consensus_distance": distance,
@@ -148,7 +151,7 @@ class Coordinator:
                    for pid, reply in membership.ask(requests, progress.step).items()}
         for pid, result in results.items():
             if block is not None:
-                self._check_sizes(pid, block, result)
+                self._check_sizes(pid, block, result, first=start)
             if result.half is not None:
                 progress.bytes_sent[pid] += record_bytes(result.half) * len(neighbours(weights, pid))
             progress.bytes_sent[pid] += sum(record_bytes(r) for r in result.sealed.values())  # one per neighbour
@@ -162,10 +165,12 @@ class Coordinator:
             progress.step += 1
         return {pid: r for pid, r in results.items() if r.loss is not None}
 
-    def _check_sizes(self, pid: int, block: int, result: pm.StepResult) -> None:
+    def _check_sizes(self, pid: int, block: int, result: pm.StepResult, *, first: bool) -> None:
         """Relay no half of another size than the block's (one model: every node's half of block b has
-        the size they all reported at setup); refused before any neighbour receives it."""
-        expected = self.membership.half_bytes[block] if block < len(self.membership.half_bytes) else None
+        the size they all reported at setup, for a visit's `first` step and for the later ones);
+        refused before any neighbour receives it."""
+        sizes_of = self.membership.first_half_bytes if first else self.membership.half_bytes
+        expected = sizes_of[block] if block < len(sizes_of) else None
         sizes = ([record_bytes(result.half)] if result.half is not None else []) + [
             record_bytes(r) for r in result.sealed.values()]
         wrong = [size for size in sizes if size != expected]

@@ -1,10 +1,11 @@
 """ClientApp side: the gossip mod (neighbour-only mixing + BMA) and one handler per message of
 deca_flower.protocol.messages.
 
-A train.step message carries the neighbours' half-step blocks of the previous inner step. The mod
-mixes them into the active block (after validating every one), then the step handler runs the
-next local Adam step (or only finishes the block) and replies with the node's new half-step
-block. Nothing is ever averaged anywhere but on the node itself.
+A train.step message carries the neighbours' half-step blocks of the previous inner step (with
+compressed gossip: their payloads, added to their public copies). The mod mixes them into the
+active block (after validating every one), then the step handler runs the next local Adam step
+(or only finishes the block) and replies with the node's new half-step block or payload
+(exchange.py). Nothing is ever averaged anywhere but on the node itself.
 """
 
 from __future__ import annotations
@@ -15,24 +16,23 @@ import time
 from pathlib import Path
 
 import networkx as nx
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from deca_flower.config import DecaConfig
 from deca_flower.core.gossip import BlockError, MixingWeightsError, check_block, check_mixing_weights
 from deca_flower.core.topology import build_graph
-from deca_flower.flower import state
+from deca_flower.flower import exchange, state
 from deca_flower.flower.site_policy import SitePolicy, SitePolicyError
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.packing import RecordError
-from deca_flower.protocol.tensors import block_to_record, record_to_block, wire_bytes
+from deca_flower.protocol.tensors import block_to_record, record_to_block
 from deca_flower.results import write_samples
 from deca_flower.runtime import NodeRuntime
-from deca_flower.secure import SEAL_OVERHEAD, PairwiseChannel, SecurityError
+from deca_flower.secure import PairwiseChannel, SecurityError
 
 log = logging.getLogger(__name__)
 
-SEALED_KEY = "ct"  # the one array of a sealed half
 SECURE_STATE = "deca.secure"  # context.state: the node's per-run X25519 key and replay state (stays on the node)
 
 
@@ -80,18 +80,6 @@ def _neighbour_keys(ask: pm.TrainStep, channel: PairwiseChannel) -> list[int]:
     return sorted(ask.public_keys)
 
 
-def _decode(ask: pm.TrainStep, runtime: NodeRuntime, sender_pid: int, record: ArrayRecord, own: dict) -> dict:
-    if not runtime.cfg.secure_gossip:
-        return record_to_block(record, f"node {sender_pid}")
-    if list(record) != [SEALED_KEY]:
-        raise RecordError(f"block from node {sender_pid}: expected one '{SEALED_KEY}' array (secure-gossip), "
-                          f"got {list(record)[:3]}")
-    names = list(own)  # halves were sealed at the previous step
-    opened = runtime.channel.open(sender_pid, ask.step - 1, runtime.node.active_index, record[SEALED_KEY].data,
-                                  [own[n] for n in names])
-    return dict(zip(names, opened))
-
-
 @functools.cache
 def _announced_graph(topology: str, num_nodes: int, seed: int, edge_prob: float) -> nx.Graph:
     return build_graph(topology, num_nodes, seed=seed, edge_prob=edge_prob)
@@ -105,7 +93,8 @@ def known_graph(cfg: DecaConfig, dropped: list[int]) -> nx.Graph:
 
 
 def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Mix the neighbours' half-step blocks into the active block, fold BMA, then go on."""
+    """Mix the neighbours' half-step blocks (or, compressed, their public copies) into the active
+    block, fold BMA, then go on."""
     if msg.metadata.message_type != pm.TrainStep.MESSAGE_TYPE:
         return call_next(msg, context)
     ask = pm.TrainStep.from_content(msg.content)
@@ -129,8 +118,7 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         for pid, record in sorted(ask.halves.items()):
             sender = f"node {pid}"
             try:
-                block = _decode(ask, runtime, pid, record, own)
-                check_block(block, own, sender, cfg.max_block_deviation)
+                block = exchange.take(ask, runtime, pid, record, own)
             except (BlockError, RecordError, SecurityError) as err:
                 log.error("node %d rejected a neighbour block: %s", runtime.partition_id, err)
                 if cfg.on_bad_block == "stop":
@@ -144,20 +132,14 @@ def gossip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if cfg.secure_gossip:  # the steps accepted, kept even when the node refuses the message
             _keep_channel_state(runtime.channel, context)
     try:
-        node.apply_mix(self_weight, others, senders, validated=True)
+        if node.public is not None:  # on the public copies of the neighbours whose payloads were taken
+            node.apply_public_mix({sender: weight for (weight, _), sender in zip(others, senders)})
+        else:
+            node.apply_mix(self_weight, others, senders, validated=True)
     except (BlockError, ValueError) as err:
         return _refused(msg, runtime, err)
     runtime.excluded_last_step = excluded
     return call_next(msg, context)
-
-
-def _half_bytes(runtime: NodeRuntime) -> list[int]:
-    """Per block, the bytes of one half this node sends: what the relay lets through (and nothing larger)."""
-    node = runtime.node
-    if runtime.cfg.secure_gossip:
-        return [sum(t.numel() * t.element_size() for t in node.stored_block(b.index).values()) + SEAL_OVERHEAD
-                for b in node.blocks]
-    return [wire_bytes(node.stored_block(b.index)) for b in node.blocks]
 
 
 def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.NodeInfo:
@@ -170,7 +152,7 @@ def _node_info(runtime: NodeRuntime, context: Context, started: float) -> pm.Nod
         num_blocks=len(runtime.blocks), block_names=[b.name for b in runtime.blocks],
         steps_per_visit=runtime.steps_per_visit, setup_s=time.time() - started,
         public_key=channel.public.hex() if channel else None, signature=channel.signature.hex() if channel else None,
-        half_bytes=_half_bytes(runtime))
+        half_bytes=exchange.half_bytes(runtime, first=False), first_half_bytes=exchange.half_bytes(runtime, first=True))
 
 
 def _configure(context: Context, run_config: dict) -> Error | None:
@@ -267,18 +249,14 @@ def handle_step(msg: Message, context: Context) -> Message:
         started = time.time()
         result.loss, half = node.local_step(copy=False)  # packed (or sealed) below: the record is the copy
         result.step_s, result.opt_bytes = time.time() - started, float(node.peak_optimizer_bytes)
+        channel, receivers = None, []
         if runtime.cfg.secure_gossip:  # one sealed copy per neighbour: the relay cannot read any
             channel = secure_channel(runtime, context)
             try:
                 receivers = _neighbour_keys(ask, channel)
             except SecurityError as err:
                 return _refused(msg, runtime, err)
-            for pid in receivers:
-                sealed = channel.seal(pid, ask.step, ask.block, list(half.values()))
-                result.sealed[pid] = ArrayRecord({SEALED_KEY: Array(dtype="uint8", shape=(len(sealed),), stype="sealed",
-                                                              data=sealed)})
-        else:
-            result.half = block_to_record(half)
+        result.half, result.sealed = exchange.outgoing(node, half, channel, receivers, ask.step)
         result.excluded, runtime.excluded_last_step = runtime.excluded_last_step, []
     state.commit(context, runtime, msg.metadata.message_id)
     return pm.reply(msg, result)

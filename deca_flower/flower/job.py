@@ -31,7 +31,7 @@ def connect(grid: Grid, cfg: DecaConfig, writer: RunWriter) -> Membership:
 
 def coordinator_for(membership: Membership, cfg: DecaConfig) -> Coordinator:
     return Coordinator(membership, membership.writer, rounds=cfg.rounds, block_order=cfg.block_order, seed=cfg.seed,
-                       secure_gossip=cfg.secure_gossip, headline=cfg.headline)
+                       secure_gossip=cfg.secure_gossip, headline=cfg.headline, compressed=cfg.compression != "none")
 
 
 def run_deca(grid: Grid, cfg: DecaConfig, run_dir: Path) -> dict[str, Any]:

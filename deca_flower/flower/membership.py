@@ -58,6 +58,7 @@ class Membership:
         self.rejoined: list[dict[str, int]] = []
         self.public_keys: dict[int, tuple[str, str]] = {}  # secure gossip: partition id -> (X25519 key, signature)
         self.half_bytes: list[int] = []  # per block: the size of every half a node may send (one model, one size)
+        self.first_half_bytes: list[int] = []  # ... at a visit's first step (compressed gossip: its int8 payload)
         self.graph: nx.Graph | None = None  # once set, nodes that fail are dropped instead of stopping the run
         self.weights: np.ndarray | None = None
 
@@ -98,11 +99,12 @@ class Membership:
             self.node_of[pid] = node_id
             if info.public_key is not None:
                 self.public_keys[pid] = (info.public_key, info.signature or "")
-        sizes = {tuple(info.half_bytes) for info in infos.values()}
+        sizes = {(tuple(info.first_half_bytes), tuple(info.half_bytes)) for info in infos.values()}
         if len(sizes) > 1:
-            raise CoordinationError("nodes disagree on the size of their blocks' halves (not one model and "
-                                    f"config): {({pid: info.half_bytes for pid, info in infos.items()})}")
-        self.half_bytes = list(sizes.pop())
+            raise CoordinationError("nodes disagree on the size of their blocks' halves (not one model and config): "
+                                    f"{({pid: (info.first_half_bytes, info.half_bytes) for pid, info in infos.items()})}")
+        first, later = sizes.pop()
+        self.first_half_bytes, self.half_bytes = list(first), list(later)
         names = {pid: info.label_names for pid, info in infos.items()}
         if self.run_config["task"] == "classify" and len({tuple(n) for n in names.values()}) > 1:
             raise CoordinationError(f"nodes disagree on the class names {names}; set labels='a,b,...' in the run "

@@ -14,8 +14,9 @@ process for every message. So:
   `block_<b>.v<visit>.safetensors` and a checkpoint `checkpoint.v<visit>.json` (minibatch RNG
   state); `position.json` (generation, active block, minibatch RNG, the message it answered) and,
   with state-sync="step", `active.g<generation>.safetensors` (active block, Adam moments, whether a
-  fold is pending) after every message, the older one deleted only once position.json names the
-  new one. A process without a warm copy rebuilds the runtime and overlays these. A
+  fold is pending; compressed gossip: the block's public copies, core/choco.py) after every
+  message, the older one deleted only once position.json names the new one. A process without a
+  warm copy rebuilds the runtime and overlays these. A
   `flwr-clientapp` process keeps nothing warm, so it writes the active block after every message
   whatever state-sync says.
 
@@ -124,6 +125,8 @@ def commit(context: Context, runtime: NodeRuntime, message_id: str = "") -> None
     if syncs_every_step(runtime.cfg) and mid_block:
         tensors = {f"w.{k}": v.cpu() for k, v in node.block_values().items()}
         tensors.update({f"opt.{k}": v.cpu() for k, v in node.optimizer.state_tensors().items()})
+        if node.public is not None:
+            tensors.update({f"pub.{k}": v.cpu() for k, v in node.public.state_tensors().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, active.with_suffix(".tmp"))
         active.with_suffix(".tmp").replace(active)
     position = {"generation": runtime.generation, "active": node.active_index,
@@ -254,6 +257,8 @@ def _restore(runtime: NodeRuntime, generation: int, message_id: str) -> None:
                 params[name].copy_(saved[f"w.{name}"])
         runtime.node.start_block(position["active"])
         runtime.node.optimizer.load_state_tensors({k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
+        if runtime.node.public is not None:
+            runtime.node.public.load_state_tensors({k[4:]: v for k, v in saved.items() if k.startswith("pub.")})
     runtime.generation = position["generation"]
     log.info("node %d restored from %s at generation %d (its context: %d)", runtime.partition_id, folder,
              runtime.generation, generation)

@@ -255,6 +255,7 @@ class NodeInfo(Payload):
     public_key: str | None = None  # secure gossip: the node's X25519 key for this run (hex) ...
     signature: str | None = None   # ... signed by its identity key (hex)
     half_bytes: list[int] = field(default_factory=list)  # per block: bytes of one half it sends (packed or sealed)
+    first_half_bytes: list[int] = field(default_factory=list)  # ... at a visit's first step (compressed: int8)
 
 
 @dataclass

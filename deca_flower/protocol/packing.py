@@ -1,7 +1,9 @@
 """A block of named tensors packed bit-exact into ONE Flower `Array` (stype "deca-packed-v1").
 
 Layout: an 8-byte manifest length, the JSON manifest [[name, dtype, shape], ...], then every
-tensor's raw bytes back to back, each at an 8-byte aligned offset. One array instead of one per
+tensor's raw bytes back to back, each at an 8-byte aligned offset. A compressed payload (stype
+"deca-compressed-v1": headers, scales, quantised values or top-k indices) is packed the same way,
+with integer dtypes its manifest may name and a block's may not. One array instead of one per
 tensor, because Flower moves every Array (and each 5 MB chunk of it) as its own object, one HTTP
 request per object per hop in deployment: a SmolLM2 block of 6 layers is ~18 objects packed, ~110
 as one Array per tensor.
@@ -28,8 +30,12 @@ from flwr.app import Array, ArrayRecord
 log = logging.getLogger(__name__)
 
 PACKED = "deca-packed-v1"  # Array stype of a packed block
+COMPRESSED = "deca-compressed-v1"  # ... of a compressed payload (core/compression.py): the same layout, integer parts
 PACKED_KEY = "block"      # its key in the ArrayRecord
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # the wire dtypes
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # the wire dtypes of a block
+PAYLOAD_ITEMSIZE = {"float32": 4, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}  # ... of a compressed payload
+WIRE_DTYPES = {PACKED: ITEMSIZE, COMPRESSED: PAYLOAD_ITEMSIZE}  # stype -> the dtypes its manifest may name
+_ITEMSIZE = ITEMSIZE | PAYLOAD_ITEMSIZE
 FLOAT64_SLICE = 1 << 20  # elements per float64 slice of the consensus distance: bounded scratch memory
 MAX_MANIFEST_BYTES = 1 << 20  # ~10,000 tensors' names and shapes: far above any model's block
 MAX_DIMS = 8
@@ -68,7 +74,7 @@ def _layout(manifest_bytes: int, entries: list) -> tuple[list[int], list[int], i
     offsets, sizes, end = [], [], _LENGTH.size + manifest_bytes
     for _, dtype, shape in entries:
         end = -(-end // _ALIGN) * _ALIGN
-        size = math.prod(shape) * ITEMSIZE[dtype]  # Python ints: a hostile shape cannot overflow
+        size = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: a hostile shape cannot overflow
         offsets.append(end)
         sizes.append(size)
         end += size
@@ -81,8 +87,9 @@ def packed_size(tensors: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return _layout(len(json.dumps(entries).encode()), entries)[2]
 
 
-def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]]) -> ArrayRecord:
-    """(name, wire dtype, shape, raw bytes as a flat uint8 array) per tensor -> one packed Array."""
+def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], stype: str = PACKED) -> ArrayRecord:
+    """(name, wire dtype, shape, raw bytes as a flat uint8 array) per tensor -> one packed Array of
+    `stype` (PACKED: a block; COMPRESSED: a compressed payload)."""
     entries = [[name, dtype, list(shape)] for name, dtype, shape, _ in tensors]
     manifest = json.dumps(entries).encode()
     offsets, sizes, total = _layout(len(manifest), entries)
@@ -93,14 +100,14 @@ def pack(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]]) -> ArrayRe
         if raw.nbytes != size:
             raise RecordError(f"'{name}': {raw.nbytes} bytes for {size} expected")
         packed[offset:offset + size] = raw
-    array = Array(dtype="uint8", shape=(total,), stype=PACKED, data=b"")
+    array = Array(dtype="uint8", shape=(total,), stype=stype, data=b"")
     array.data = packed  # the buffer itself, not a bytes copy of it: ~0.1 s less per 80 MB block
     record = ArrayRecord()  # not ArrayRecord({...}): that re-creates the Array, and only from bytes
     record[PACKED_KEY] = array
     return record
 
 
-def _manifest(data: memoryview, sender: str) -> list:
+def _manifest(data: memoryview, sender: str, stype: str) -> list:
     """The manifest, bounded before it is parsed (its length) and before anything is allocated for
     it (every dimension at most the block's byte count, so no shape can overflow a tensor's size)."""
     if len(data) < _LENGTH.size:
@@ -114,23 +121,23 @@ def _manifest(data: memoryview, sender: str) -> list:
     except (ValueError, RecursionError) as err:  # RecursionError: nesting too deep for the parser
         raise RecordError(f"block from {sender}: unreadable manifest ({type(err).__name__})") from None
     well_formed = isinstance(entries, list) and all(
-        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in ITEMSIZE
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in WIRE_DTYPES[stype]
         and isinstance(e[2], list) and len(e[2]) <= MAX_DIMS
         and all(type(d) is int and 0 <= d <= len(data) for d in e[2]) for e in entries)  # (type: not bool)
     if not well_formed:
-        raise RecordError(f"block from {sender}: manifest is not [[name, float32|float16|bfloat16, shape], ...] "
+        raise RecordError(f"block from {sender}: manifest is not [[name, {'|'.join(WIRE_DTYPES[stype])}, shape], ...] "
                           f"with at most {MAX_DIMS} dimensions, each in 0..{len(data)}")
     return entries
 
 
-def unpack(record: ArrayRecord, sender: str) -> list[PackedTensor]:
-    """Decode without trusting the sender: layout, dtypes, names and byte count are checked.
+def unpack(record: ArrayRecord, sender: str, stype: str = PACKED) -> list[PackedTensor]:
+    """Decode without trusting the sender: stype, layout, dtypes, names and byte count are checked.
     The tensors' bytes are views of the record's (no copy)."""
-    if list(record) != [PACKED_KEY] or record[PACKED_KEY].stype != PACKED:
-        raise RecordError(f"block from {sender}: expected one '{PACKED_KEY}' array of stype {PACKED}, "
+    if list(record) != [PACKED_KEY] or record[PACKED_KEY].stype != stype:
+        raise RecordError(f"block from {sender}: expected one '{PACKED_KEY}' array of stype {stype}, "
                           f"got {[(k, a.stype) for k, a in record.items()]}")
     data = memoryview(record[PACKED_KEY].data).cast("B")  # bytes from Flower's objects, else a numpy view
-    entries = _manifest(data, sender)
+    entries = _manifest(data, sender, stype)
     offsets, sizes, total = _layout(_LENGTH.unpack_from(data)[0], entries)
     if total != len(data):
         raise RecordError(f"block from {sender}: {len(data)} bytes, its manifest describes {total}")
