@@ -31,8 +31,7 @@ from deca_flower.plan import make_plan, meta_model
 from deca_flower.protocol import messages as pm
 from deca_flower.protocol.tensors import block_to_record, payload_to_record
 
-CODECS = (Codec("int8", DecaConfig.compression_chunk), Codec("int4", DecaConfig.compression_chunk),
-          Codec("topk"))
+CODECS = (Codec("int8", DecaConfig.compression_chunk), Codec("int4", DecaConfig.compression_chunk))  # the offered modes
 
 
 def message_bytes(ask: pm.TrainStep) -> int:
