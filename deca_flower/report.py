@@ -2,8 +2,9 @@
 
 One seed per run: a row per run, mean +- std over nodes. Several seeds (a study): a row per
 variant with mean +- sample std over seeds, the worst node, and the paired difference to the
-baseline (same setting, same seed) with a 95 % t-interval; plots of accuracy vs step with bands
-over seeds, and of accuracy vs the BMA strength.
+baseline (same setting, same seed) with a 95 % t-interval, bytes sent and train time per step; plots
+of accuracy vs step with bands over seeds, of accuracy vs the BMA strength, and of accuracy vs the
+bytes sent where the variants send different amounts (compression).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def run_figures(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "score": final[f"{key}_mean"], "second": final[f"{second}_mean"], "worst": min(final[f"{key}_per_node"]),
         "spread": final[f"{key}_std"], "loss": visits[-1]["loss_mean"] if visits else math.nan,
         "consensus": summary.get("final_consensus_distance", math.nan), "wall": summary["wall_time_s"],
+        "mib": summary["bytes_sent_per_node"] / MIB,
+        "step_s": summary.get("train_s", math.nan) / max(summary.get("inner_steps", 0), 1),
         "code": summary.get("code", "unknown"), "machine": summary.get("machine", "not recorded"),
         "curve": [(e["step"], e[f"{key}_mean"], min(e[f"{key}_per_node"])) for e in evals],
     }
@@ -178,8 +181,8 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
         base = {s: f["score"] for s, f in by_label.get(baseline, {}).items()}
         base_worst = {s: f["worst"] for s, f in by_label.get(baseline, {}).items()}
         text += [f"| variant | overrides | seeds | {key} | worst node | {second} | std over nodes | "
-                 f"Δ {key} vs {baseline} [95% CI] | Δ worst node vs {baseline} [95% CI] | consensus distance | train loss |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"Δ {key} vs {baseline} [95% CI] | Δ worst node vs {baseline} [95% CI] | consensus distance | train loss | "
+                 "MiB sent / node | train s / step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, per_seed in by_label.items():
             f = list(per_seed.values())
 
@@ -193,18 +196,23 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
             consensus = mean_sd([x["consensus"] for x in f])[0]
             text.append(f"| {label} | {_overrides(spec, label)} | {len(f)} | {cell('score')} | {cell('worst')} | "
                         f"{cell('second')} | {mean_sd([x['spread'] for x in f])[0]:.3f} | {_points(vs)} | "
-                        f"{_points(vs_worst)} | {consensus:.3g} | {mean_sd([x['loss'] for x in f])[0]:.3f} |")
+                        f"{_points(vs_worst)} | {consensus:.3g} | {mean_sd([x['loss'] for x in f])[0]:.3f} | "
+                        f"{mean_sd([x['mib'] for x in f])[0]:,.0f} | {mean_sd([x['step_s'] for x in f])[0]:.2f} |")
         text += ["", f"Per run, {key} and {second} are the mean over nodes on the whole held-out split after the last "
                  "step, worst node the lowest node's, std over nodes the population std; the table gives mean +- sample "
                  f"std over seeds. Δ: paired difference to `{baseline}` on the same seed (same split, graph and "
                  "minibatches), in points, with a 95 % t-interval. Consensus distance: mean over nodes of "
                  "||x_i - mean x||^2 over all parameters at the end; train loss: mean over the last visit's steps and "
-                 "nodes.", ""]
+                 "nodes. MiB sent / node: over the run, what the fast path counts as Flower would send; train s / step: "
+                 "the run's wall time less evaluation, over its inner steps (all nodes in one process, so it "
+                 "compares variants only when their runs shared the machine alike).", ""]
         prefix = f"{setting}_" if setting else ""
         plot_curves(by_label, headline, out_dir / f"{prefix}{key}_vs_step.png", title)
         images = f"![{key} vs step]({prefix}{key}_vs_step.png)"
         if plot_strength(spec, by_label, key, baseline, out_dir / f"{prefix}{key}_vs_strength.png", title):
             images += f" ![{key} vs strength]({prefix}{key}_vs_strength.png)"
+        if plot_bytes(by_label, key, out_dir / f"{prefix}{key}_vs_bytes.png", title):
+            images += f" ![{key} vs bytes]({prefix}{key}_vs_bytes.png)"
         text += [images, ""]
     text += ["## Every run", "", f"| run | {key} | worst node | {second} | std over nodes | consensus distance | "
              "train loss | wall s | code |", "|---|---|---|---|---|---|---|---|---|"]
@@ -264,6 +272,27 @@ def plot_strength(spec: dict[str, Any], by_label: dict[str, dict[int, dict[str, 
         ax.set_ylabel(f"held-out {key}, {what}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: mean +- sample std over seeds")
+    _save(fig, path)
+    return True
+
+
+def plot_bytes(by_label: dict[str, dict[int, dict[str, Any]]], key: str, path: Path, title: str) -> bool:
+    """Accuracy against MiB sent per node, one point per variant; only where the variants' bytes differ."""
+    sent = {label: mean_sd([f["mib"] for f in per_seed.values()])[0] for label, per_seed in by_label.items()}
+    if max(sent.values()) <= 1.01 * min(sent.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, field, what in zip(axes, ("score", "worst"), ("mean over nodes", "worst node")):
+        for label, per_seed in by_label.items():
+            mean, sd = mean_sd([f[field] for f in per_seed.values()])
+            ax.errorbar([sent[label]], [mean], yerr=[0.0 if math.isnan(sd) else sd], marker="o", capsize=3,
+                        label=f"{label} ({len(per_seed)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("MiB sent per node over the run")
+        ax.set_ylabel(f"held-out {key}, {what}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, title="variant (seeds)", title_fontsize=8)
     fig.suptitle(f"{title}: mean +- sample std over seeds")
     _save(fig, path)
     return True
