@@ -53,14 +53,31 @@ def flower_per_step(overrides: str, num_nodes: int, torch_threads: int) -> tuple
            "--federation-config", f"num-supernodes={num_nodes}"]
     run = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=3600)
     threads = {int(n) for n in re.findall(r"\((\d+) torch threads\)", run.stdout + run.stderr)}  # as the nodes report
+    if not threads:  # Flower versions that stream no ClientApp logs: the nodes inherit the local SuperLink's env
+        threads = superlink_omp_threads()
     if torch_threads and threads != {torch_threads}:
-        raise SystemExit(f"asked for {torch_threads} torch threads, the nodes report {sorted(threads)}: not comparable")
+        raise SystemExit(f"asked for {torch_threads} torch threads, the nodes report {sorted(threads)}: not comparable "
+                         "(a local SuperLink started earlier keeps its environment: stop it and rerun)")
     records = [json.loads(line) for line in (results / run_name / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(results)  # the nodes' checkpoints, GBs; kept when a run failed
     visits = [r for r in records if r["kind"] == "visit"]
     steps = visits[-1]["step"]
     compute = sum(v["step_compute_sum_s"] * (v["step"] - prev["step"]) for prev, v in zip([{"step": 0}, *visits], visits))
     return visits[-1]["elapsed_s"] / steps, compute / steps, steps, threads
+
+
+def superlink_omp_threads() -> set[int]:
+    """OMP_NUM_THREADS of the running local SuperLinks (Linux /proc), which its simulations inherit."""
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"flower-superlink" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
+        except OSError:
+            continue
+        found.add(int(env.get(b"OMP_NUM_THREADS", b"0")))  # 0: unset, torch's default
+    return found
 
 
 def timed_local_steps() -> list[float]:

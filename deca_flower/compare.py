@@ -9,8 +9,8 @@ overrides, each with a `label`), and optionally:
   a run may name its own;
 - `seeds`: every run is repeated for each seed (seed = split, graph draw, minibatch order); a run
   may list its own `seeds` (e.g. more for the variants that decide a default);
-- `settings`: named config overlays ({name, config}); every run is repeated in each, unless it
-  lists the `settings` it belongs to;
+- `settings`: named config overlays ({name, config}, optionally `seeds`: the only seeds run in that
+  setting); every run is repeated in each, unless it lists the `settings` it belongs to;
 - `baseline`: the label that the report pairs every other run with (same setting, same seed);
 - `num-supernodes` for flwr runs.
 
@@ -80,10 +80,12 @@ def plan_runs(spec: dict[str, Any], out_dir: Path) -> list[PlannedRun]:
     for setting in settings:
         name = setting["name"]
         runs = [r for r in spec["runs"] if not name or name in r.get("settings", [name])]
-        seeds = sorted({s for r in runs for s in r.get("seeds", spec.get("seeds", [None]))}, key=lambda s: (s is None, s))
-        for seed in seeds:
+        allowed = setting.get("seeds")
+        seeds_of = {r["label"]: [s for s in r.get("seeds", spec.get("seeds", [None])) if allowed is None or s in allowed]
+                    for r in runs}
+        for seed in sorted({s for seeds in seeds_of.values() for s in seeds}, key=lambda s: (s is None, s)):
             for run in runs:
-                if seed not in run.get("seeds", spec.get("seeds", [None])):
+                if seed not in seeds_of[run["label"]]:
                     continue
                 key = "/".join(p for p in (name, run["label"], None if seed is None else f"seed{seed}") if p)
                 values = {**spec["config"], **setting.get("config", {}),

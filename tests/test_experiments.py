@@ -69,3 +69,15 @@ def test_a_failed_run_loses_no_earlier_result(tmp_path, monkeypatch):
     results = json.loads((out_dir / "results.json").read_text())
     assert list(results) == ["a", "b", "c"]
     assert [results[k]["final"]["accuracy_mean"] for k in "abc"] == [0.9, 0.1, 0.1]
+
+
+def test_a_setting_can_limit_the_seeds_run_in_it(tmp_path):
+    from deca_flower.compare import plan_runs
+
+    spec = {"config": {}, "seeds": [0, 1, 2],
+            "settings": [{"name": "small", "config": {}}, {"name": "large", "config": {"num-nodes": 8}, "seeds": [0, 1]}],
+            "runs": [{"label": "none", "seeds": [0, 1, 2, 3]}, {"label": "full"}, {"label": "raw", "settings": ["small"]}]}
+    keys = [r.key for r in plan_runs(spec, tmp_path)]
+    assert keys == ["small/none/seed0", "small/full/seed0", "small/raw/seed0", "small/none/seed1", "small/full/seed1",
+                    "small/raw/seed1", "small/none/seed2", "small/full/seed2", "small/raw/seed2", "small/none/seed3",
+                    "large/none/seed0", "large/full/seed0", "large/none/seed1", "large/full/seed1"]
