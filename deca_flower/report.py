@@ -240,10 +240,7 @@ def plot_curves(by_label: dict[str, dict[int, dict[str, Any]]], headline: list[s
             line, = ax.plot(steps, means, marker="o", label=f"{label} ({len(curves)})")
             ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
                             color=line.get_color(), alpha=0.12)
-    for ax, what in zip(axes, ("mean over nodes", "worst node")):
-        ax.set_xlabel("inner step")
-        ax.set_ylabel(f"held-out {headline[0]}, {what}")
-        ax.grid(alpha=0.3)
+    _label_panels(axes, "inner step", headline[0])
     axes[1].legend(fontsize=7, title="variant (seeds)", title_fontsize=7)
     fig.suptitle(f"{title}: mean over seeds, band = +- sample std")
     _save(fig, path)
@@ -258,7 +255,7 @@ def plot_strength(spec: dict[str, Any], by_label: dict[str, dict[int, dict[str, 
     if len(knob) < 2:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, field, what in zip(axes, ("score", "worst"), ("mean over nodes", "worst node")):
+    for ax, field in zip(axes, ("score", "worst")):
         points = [(s, mean_sd([f[field] for f in by_label[label].values()])) for s, label in knob]
         ax.errorbar([s for s, _ in points], [m for _, (m, _) in points],
                     yerr=[0.0 if math.isnan(sd) else sd for _, (_, sd) in points], marker="o", capsize=3,
@@ -268,10 +265,8 @@ def plot_strength(spec: dict[str, Any], by_label: dict[str, dict[int, dict[str, 
                 ax.axhline(mean_sd([f[field] for f in by_label[label].values()])[0], linestyle="--", alpha=0.6,
                            color="gray" if label == baseline else "tab:red", label=label)
         ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("bma-strength s")
-        ax.set_ylabel(f"held-out {key}, {what}")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    _label_panels(axes, "bma-strength s", key)
     fig.suptitle(f"{title}: mean +- sample std over seeds")
     _save(fig, path)
     return True
@@ -283,19 +278,25 @@ def plot_bytes(by_label: dict[str, dict[int, dict[str, Any]]], key: str, path: P
     if max(sent.values()) <= 1.01 * min(sent.values()):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, field, what in zip(axes, ("score", "worst"), ("mean over nodes", "worst node")):
+    for ax, field in zip(axes, ("score", "worst")):
         for label, per_seed in by_label.items():
             mean, sd = mean_sd([f[field] for f in per_seed.values()])
             ax.errorbar([sent[label]], [mean], yerr=[0.0 if math.isnan(sd) else sd], marker="o", capsize=3,
                         label=f"{label} ({len(per_seed)})")
         ax.set_xscale("log")
-        ax.set_xlabel("MiB sent per node over the run")
-        ax.set_ylabel(f"held-out {key}, {what}")
-        ax.grid(alpha=0.3)
+    _label_panels(axes, "MiB sent per node over the run", key)
     axes[1].legend(fontsize=8, title="variant (seeds)", title_fontsize=8)
     fig.suptitle(f"{title}: mean +- sample std over seeds")
     _save(fig, path)
     return True
+
+
+def _label_panels(axes: Any, xlabel: str, key: str) -> None:
+    """The two panels of a study plot: the mean over nodes (left) and the worst node (right)."""
+    for ax, what in zip(axes, ("mean over nodes", "worst node")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"held-out {key}, {what}")
+        ax.grid(alpha=0.3)
 
 
 def _save(fig: Any, path: Path) -> None:
