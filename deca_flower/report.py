@@ -273,10 +273,15 @@ def plot_strength(spec: dict[str, Any], by_label: dict[str, dict[int, dict[str, 
 
 
 def plot_bytes(by_label: dict[str, dict[int, dict[str, Any]]], key: str, path: Path, title: str) -> bool:
-    """Accuracy against MiB sent per node, one point per variant; only where the variants' bytes differ."""
-    sent = {label: mean_sd([f["mib"] for f in per_seed.values()])[0] for label, per_seed in by_label.items()}
-    if max(sent.values()) <= 1.01 * min(sent.values()):
+    """Accuracy against MiB sent per node, one point per variant; only where variants send different
+    amounts on the same seed (seeds differ in their graph, hence in bytes)."""
+    on_seed = defaultdict(list)
+    for per_seed in by_label.values():
+        for seed, f in per_seed.items():
+            on_seed[seed].append(f["mib"])
+    if all(max(sent) <= 1.01 * min(sent) for sent in on_seed.values()):
         return False
+    sent = {label: mean_sd([f["mib"] for f in per_seed.values()])[0] for label, per_seed in by_label.items()}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, field in zip(axes, ("score", "worst")):
         for label, per_seed in by_label.items():
