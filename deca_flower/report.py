@@ -190,14 +190,16 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
                 mean, sd = mean_sd([x[field] for x in f])
                 return f"{mean:.3f} +- {sd:.3f}" if not math.isnan(sd) else f"{mean:.3f}"
 
+            def average(field: str, f: list[dict[str, Any]] = f) -> float:
+                return mean_sd([x[field] for x in f])[0]
+
             vs = paired({s: x["score"] for s, x in per_seed.items()}, base) if baseline and label != baseline else None
             vs_worst = (paired({s: x["worst"] for s, x in per_seed.items()}, base_worst)
                         if baseline and label != baseline else None)
-            consensus = mean_sd([x["consensus"] for x in f])[0]
             text.append(f"| {label} | {_overrides(spec, label)} | {len(f)} | {cell('score')} | {cell('worst')} | "
-                        f"{cell('second')} | {mean_sd([x['spread'] for x in f])[0]:.3f} | {_points(vs)} | "
-                        f"{_points(vs_worst)} | {consensus:.3g} | {mean_sd([x['loss'] for x in f])[0]:.3f} | "
-                        f"{mean_sd([x['mib'] for x in f])[0]:,.0f} | {mean_sd([x['step_s'] for x in f])[0]:.2f} |")
+                        f"{cell('second')} | {average('spread'):.3f} | {_points(vs)} | {_points(vs_worst)} | "
+                        f"{average('consensus'):.3g} | {average('loss'):.3f} | {average('mib'):,.0f} | "
+                        f"{average('step_s'):.2f} |")
         text += ["", f"Per run, {key} and {second} are the mean over nodes on the whole held-out split after the last "
                  "step, worst node the lowest node's, std over nodes the population std; the table gives mean +- sample "
                  f"std over seeds. Δ: paired difference to `{baseline}` on the same seed (same split, graph and "
