@@ -97,10 +97,11 @@ class DecaConfig:
     """b1: weight of the old first moment when folding in the consensus signal."""
     bma_beta2: float = 0.999
     """b2: weight of the old second moment when folding in the consensus signal."""
-    discrepancy: str = "scaled"
+    discrepancy: str = "gradient"
     """Units of the consensus signal h (d = theta - mixed): scaled=d/lr, raw=-d, normalized=d/||d||,
-    gradient=the gradient that moves Adam from theta to mixed (core/optimizer.py)."""
-    bma_strength: float = 1.0
+    gradient=the gradient that moves Adam from theta to mixed (core/optimizer.py). The default and
+    bma-strength's come from results/bma-study/."""
+    bma_strength: float = 10.0
     """s: weight of the consensus part (half - mixed) of d; 0 = no consensus signal, 1 = d itself. With
     discrepancy=gradient the next step repeats about (1 - bma-beta1) * s of the last gossip correction."""
     compression: str = "none"

@@ -40,8 +40,8 @@ class AdamSettings:
     eps: float = 1e-8
     bma: str = "full"
     bma_betas: tuple[float, float] = (0.9, 0.999)
-    discrepancy: str = "scaled"
-    strength: float = 1.0
+    discrepancy: str = "gradient"
+    strength: float = 10.0
 
 
 class BatchSampler:

@@ -66,8 +66,8 @@ class BlockAdam:
         eps: float = 1e-8,
         bma: str = "full",
         bma_betas: tuple[float, float] = (0.9, 0.999),
-        discrepancy: str = "scaled",
-        strength: float = 1.0,
+        discrepancy: str = "gradient",
+        strength: float = 10.0,
     ) -> None:
         if bma not in BMA_MODES:
             raise ValueError(f"bma must be one of {BMA_MODES}, got '{bma}'")
