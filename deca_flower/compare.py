@@ -38,6 +38,8 @@ from deca_flower.report import PlannedRun, write_report
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("flwr", "reference-fast")
 RUN_KEYS = {"label", "seeds", "settings", "engine"}  # keys of a run that are not run-config
+# the first default of a key whose default has changed since it was added to DecaConfig
+FIRST_DEFAULTS = {"bma-strength": 1.0}
 PLACEMENT = {"results-dir", "run-name", "state-dir", "overwrite"}  # where a run writes: not what it computes
 
 
@@ -114,10 +116,12 @@ def command_for(spec: dict[str, Any], run: PlannedRun) -> tuple[list[str], str]:
 
 
 def is_finished(run: PlannedRun, run_dir: Path) -> bool:
-    """The folder holds a summary of a run with exactly this config (placement aside)."""
+    """The folder holds a summary of a run with exactly this config (placement aside). A key the saved
+    config lacks was added to DecaConfig after the run, which behaved as the key's first default."""
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    saved = {**DecaConfig().to_run_config(), **FIRST_DEFAULTS,
+             **OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))}
     wanted = DecaConfig.from_run_config(run.values).to_run_config()
     return {k: v for k, v in saved.items() if k not in PLACEMENT} == {k: v for k, v in wanted.items() if k not in PLACEMENT}
 

@@ -81,3 +81,26 @@ def test_a_setting_can_limit_the_seeds_run_in_it(tmp_path):
     assert keys == ["small/none/seed0", "small/full/seed0", "small/raw/seed0", "small/none/seed1", "small/full/seed1",
                     "small/raw/seed1", "small/none/seed2", "small/full/seed2", "small/raw/seed2", "small/none/seed3",
                     "large/none/seed0", "large/full/seed0", "large/none/seed1", "large/full/seed1"]
+
+
+def test_a_finished_run_made_before_a_key_existed_is_skipped_only_if_it_matches(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from deca_flower.compare import is_finished, plan_runs
+
+    spec = {"config": {"model": "tiny-random"}, "runs": [{"label": "old"}, {"label": "strong", "bma-strength": 10.0},
+                                                         {"label": "weak", "bma-strength": 1.0}]}
+    runs = {r.label: r for r in plan_runs(spec, tmp_path)}
+    saved = DecaConfig.from_run_config({"model": "tiny-random"}).to_run_config()
+    for key in ("bma-strength", "compression", "consensus-step-size"):  # keys added after the run was made
+        del saved[key]
+    for label in runs:
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "summary.json").write_text(json.dumps({}))
+        OmegaConf.save(OmegaConf.create(saved), tmp_path / label / "config.yaml")
+    # a run without bma-strength behaved as strength 1 (its first default), whatever today's default is
+    assert not is_finished(runs["strong"], tmp_path / "strong")
+    assert is_finished(runs["weak"], tmp_path / "weak")
+    assert is_finished(runs["old"], tmp_path / "old") == (DecaConfig().bma_strength == 1.0)
