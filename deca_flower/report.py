@@ -209,13 +209,14 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
                  "the run's wall time less evaluation, over its inner steps (all nodes in one process, so it "
                  "compares variants only when their runs shared the machine alike).", ""]
         prefix = f"{setting}_" if setting else ""
-        plot_curves(by_label, headline, out_dir / f"{prefix}{key}_vs_step.png", title)
-        images = f"![{key} vs step]({prefix}{key}_vs_step.png)"
+        images = ""
+        if plot_curves(by_label, headline, out_dir / f"{prefix}{key}_vs_step.png", title):
+            images += f"![{key} vs step]({prefix}{key}_vs_step.png)"
         if plot_strength(spec, by_label, key, baseline, out_dir / f"{prefix}{key}_vs_strength.png", title):
             images += f" ![{key} vs strength]({prefix}{key}_vs_strength.png)"
         if plot_bytes(by_label, key, out_dir / f"{prefix}{key}_vs_bytes.png", title):
             images += f" ![{key} vs bytes]({prefix}{key}_vs_bytes.png)"
-        text += [images, ""]
+        text += [images.strip(), ""]
     text += ["## Every run", "", f"| run | {key} | worst node | {second} | std over nodes | consensus distance | "
              "train loss | wall s | code |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -226,8 +227,11 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
     (out_dir / "README.md").write_text("\n".join(text))
 
 
-def plot_curves(by_label: dict[str, dict[int, dict[str, Any]]], headline: list[str], path: Path, title: str) -> None:
-    """Mean over nodes and worst node against the inner step: mean over seeds, band = +- sample std."""
+def plot_curves(by_label: dict[str, dict[int, dict[str, Any]]], headline: list[str], path: Path, title: str) -> bool:
+    """Mean over nodes and worst node against the inner step: mean over seeds, band = +- sample std. Only
+    where some run was evaluated more than once (False: no plot)."""
+    if all(len(f["curve"]) < 2 for per_seed in by_label.values() for f in per_seed.values()):
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for label, per_seed in by_label.items():
         curves = [f["curve"] for f in per_seed.values()]
@@ -246,6 +250,7 @@ def plot_curves(by_label: dict[str, dict[int, dict[str, Any]]], headline: list[s
     axes[1].legend(fontsize=7, title="variant (seeds)", title_fontsize=7)
     fig.suptitle(f"{title}: mean over seeds, band = +- sample std")
     _save(fig, path)
+    return True
 
 
 def plot_strength(spec: dict[str, Any], by_label: dict[str, dict[int, dict[str, Any]]], key: str,

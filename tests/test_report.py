@@ -12,9 +12,9 @@ SEEDS = [0, 1, 2]
 ACCURACY = {"none": [0.80, 0.70, 0.90], "int4": [0.81, 0.69, 0.93]}
 
 
-def study(tmp_path, sent_mib, int4_seeds=SEEDS):
-    """A fake finished study of two variants over three seeds; sent_mib: MiB sent per node per variant on
-    seed 0 (seed k sends k + 1 times as much: seeds differ in their graph)."""
+def study(tmp_path, sent_mib, int4_seeds=SEEDS, eval_steps=(3, 6)):
+    """A fake finished study of two variants over three seeds, evaluated after eval_steps; sent_mib: MiB sent
+    per node per variant on seed 0 (seed k sends k + 1 times as much: seeds differ in their graph)."""
     spec = {"_path": "conf/experiments/codecs.yaml", "baseline": "none", "seeds": SEEDS, "config": {"lr": 1e-4},
             "runs": [{"label": "none", "compression": "none"}, {"label": "int4", "compression": "int4", "seeds": int4_seeds}]}
     out_dir = tmp_path / "codecs"
@@ -25,8 +25,9 @@ def study(tmp_path, sent_mib, int4_seeds=SEEDS):
         per_node = [accuracy - 0.05, accuracy + 0.05]
         run_dir = out_dir / "runs" / run.key
         run_dir.mkdir(parents=True)
-        lines = [{"kind": "visit", "step": 6, "loss_mean": 0.5, "consensus_distance": 0.1},
-                 {"kind": "eval", "step": 6, "accuracy_mean": accuracy, "accuracy_per_node": per_node}]
+        lines = [{"kind": "visit", "step": 6, "loss_mean": 0.5, "consensus_distance": 0.1}]
+        lines += [{"kind": "eval", "step": step, "accuracy_mean": accuracy, "accuracy_per_node": per_node}
+                  for step in eval_steps]
         (run_dir / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
         summaries[run.key] = {
             "headline": ["accuracy", "macro_f1"], "engine": "reference-fast", "code": "abc1234", "machine": "test",
@@ -54,3 +55,10 @@ def test_no_bytes_plot_when_every_variant_sends_the_same_on_each_seed(tmp_path):
     out_dir = study(tmp_path, {"none": 400.0, "int4": 400.0}, int4_seeds=[0, 1])  # means over seeds differ
     assert not (out_dir / "accuracy_vs_bytes.png").exists()
     assert "vs bytes" not in (out_dir / "README.md").read_text()
+
+
+def test_no_step_plot_when_every_run_was_evaluated_once(tmp_path):
+    out_dir = study(tmp_path, {"none": 400.0, "int4": 64.0}, eval_steps=(6,))
+    assert not (out_dir / "accuracy_vs_step.png").exists()
+    readme = (out_dir / "README.md").read_text()
+    assert "vs step" not in readme and "![accuracy vs bytes](accuracy_vs_bytes.png)" in readme
