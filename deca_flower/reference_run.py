@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deca_flower.config import DecaConfig
 from deca_flower.core.node import DecaNode
 from deca_flower.core.reference import consensus_distance, run_reference
@@ -81,9 +83,9 @@ def run_reference_job(cfg: DecaConfig, *, fast: bool = False, runtimes: list[Nod
         progress["losses"].append(sum(node_losses) / len(node_losses))
         progress["bytes"] += sum(sent_bytes(node) * d for node, d in zip(nodes, degrees)) / len(nodes)
 
-    def after_visit(visit: Visit) -> None:
+    def after_visit(visit: Visit, last_halves: list[dict[str, torch.Tensor]] | None) -> None:
         visit_losses = progress["losses"][-steps:]
-        distance = consensus_distance([n.block_values() for n in nodes])
+        distance = float("nan") if last_halves is None else consensus_distance(last_halves)
         record({"kind": "visit", "round": visit.round, "block": visit.block, "step": progress["step"],
                 "loss_mean": sum(visit_losses) / len(visit_losses), "consensus_distance": distance,
                 "bytes_sent_per_node": progress["bytes"], "elapsed_s": time.time() - started})

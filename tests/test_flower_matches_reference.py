@@ -24,14 +24,24 @@ def flower_run(cfg):
     return summary, run_dir, [runtimes[p] for p in range(cfg.num_nodes)]
 
 
+def visit_lines(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "visit"]
+
+
 def assert_flower_equals_reference(cfg):
     summary, run_dir, flower_nodes = flower_run(cfg)
     reference_nodes = build_nodes(cfg)
-    reference = run_reference_job(cfg, runtimes=reference_nodes)
+    reference_dir = run_dir.with_name(run_dir.name + "-reference")
+    reference = run_reference_job(cfg, runtimes=reference_nodes, run_dir=reference_dir)
     for fl, ref in zip(flower_nodes, reference_nodes):
         for (name, p_fl), (_, p_ref) in zip(fl.node.model.named_parameters(), ref.node.model.named_parameters()):
             torch.testing.assert_close(p_fl, p_ref, rtol=1e-5, atol=1e-6, msg=name)
     assert summary["final"]["accuracy_mean"] == pytest.approx(reference["final"]["accuracy_mean"])
+    flower_visits, reference_visits = visit_lines(run_dir), visit_lines(reference_dir)
+    for key in ("step", "loss_mean", "consensus_distance"):  # both measure the halves of a visit's last step
+        np.testing.assert_allclose([v[key] for v in flower_visits], [v[key] for v in reference_visits], rtol=1e-4,
+                                   err_msg=key)
     return summary, run_dir, reference
 
 

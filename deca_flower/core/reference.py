@@ -28,7 +28,9 @@ from deca_flower.core.schedule import Visit
 from deca_flower.core.topology import neighbours
 
 StepCallback = Callable[[Visit, int, list[float]], None]
-VisitCallback = Callable[[Visit], None]
+# after a visit, with the halves of its last step (None with compressed gossip: nodes publish only
+# compressed changes); the Flower coordinator sees the same halves on the relay
+VisitCallback = Callable[[Visit, list[dict[str, torch.Tensor]] | None], None]
 
 
 def run_reference(
@@ -50,6 +52,7 @@ def run_reference(
     for visit in schedule:
         for node in nodes:
             node.start_block(visit.block)
+        halves = None
         for step in range(steps_per_block):
             if compressed:
                 losses = [node.local_step(copy=False)[0] for node in nodes]
@@ -60,7 +63,7 @@ def run_reference(
             if on_step:
                 on_step(visit, step, list(losses))
         if after_visit:
-            after_visit(visit)
+            after_visit(visit, None if halves is None else list(halves))
     for node in nodes:
         node.end_block()
 
