@@ -209,14 +209,14 @@ def write_study(spec: dict[str, Any], runs: list[PlannedRun], summaries: dict[st
                  "the run's wall time less evaluation, over its inner steps (all nodes in one process, so it "
                  "compares variants only when their runs shared the machine alike).", ""]
         prefix = f"{setting}_" if setting else ""
-        images = ""
+        images = []
         if plot_curves(by_label, headline, out_dir / f"{prefix}{key}_vs_step.png", title):
-            images += f"![{key} vs step]({prefix}{key}_vs_step.png)"
+            images.append(f"![{key} vs step]({prefix}{key}_vs_step.png)")
         if plot_strength(spec, by_label, key, baseline, out_dir / f"{prefix}{key}_vs_strength.png", title):
-            images += f" ![{key} vs strength]({prefix}{key}_vs_strength.png)"
+            images.append(f"![{key} vs strength]({prefix}{key}_vs_strength.png)")
         if plot_bytes(by_label, key, out_dir / f"{prefix}{key}_vs_bytes.png", title):
-            images += f" ![{key} vs bytes]({prefix}{key}_vs_bytes.png)"
-        text += [images.strip(), ""]
+            images.append(f"![{key} vs bytes]({prefix}{key}_vs_bytes.png)")
+        text += [" ".join(images), ""]
     text += ["## Every run", "", f"| run | {key} | worst node | {second} | std over nodes | consensus distance | "
              "train loss | wall s | code |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
